@@ -1,0 +1,1 @@
+"""Fleet simulator: Debian 12 boards booted with systemd-nspawn in network namespaces."""

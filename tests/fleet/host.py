@@ -1,0 +1,221 @@
+"""One simulated machine: an overlayfs root booted by systemd-nspawn inside its own netns."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .commands import SimError, log, mount_points, run, wait_until
+from .network import NETNS_DIR, namespace_pids
+
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+READY_STATES = ("running", "degraded")
+# Emulated arm64 boots and halts several times slower than native amd64.
+BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
+HALT_TIMEOUT = {"amd64": 30.0, "arm64": 90.0}
+
+
+@dataclass
+class HostSpec:
+    """What `down`/`status` need to know about a host, from any process (kept in the state file)."""
+
+    name: str
+    machine: str
+    netns: str
+    address: str
+    arch: str
+    lowerdirs: list[str]
+    directory: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.directory) / "root"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _is_namespace_init(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    return len(nspid) > 1 and nspid[-1] == "1"
+
+
+def processes_matching(argument: str) -> list[int]:
+    """Pids whose command line contains argument exactly (e.g. --machine=<name>)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and argument in _proc_cmdline(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/cmdline").exists() and bool(_proc_cmdline(pid))
+
+
+def signal_quietly(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mount_points()
+
+
+class Host:
+    """Lifecycle of one container: mount, boot, wait ready, exec, stop."""
+
+    def __init__(self, spec: HostSpec, ssh_key: Path) -> None:
+        self.spec = spec
+        self.ssh_key = ssh_key
+        self._nspawn: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    def mount(self) -> None:
+        base = Path(self.spec.directory)
+        upper, work = base / "upper", base / "work"
+        for directory in (upper, work, self.spec.root):
+            directory.mkdir(parents=True, exist_ok=True)
+        if is_mounted(self.spec.root):
+            return
+        lower = ":".join(self.spec.lowerdirs)
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={lower},upperdir={upper},workdir={work}", str(self.spec.root)])
+
+    def write_file(self, relative: str, content: str | bytes, mode: int = 0o644) -> None:
+        target = self.spec.root / relative.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        target.write_bytes(data)
+        target.chmod(mode)
+
+    def pid1(self) -> int | None:
+        """The container's systemd (pid 1 inside its pid namespace), found via the netns."""
+        return next((pid for pid in namespace_pids(self.spec.netns) if _is_namespace_init(pid)), None)
+
+    def nspawn_pids(self) -> list[int]:
+        return processes_matching(f"--machine={self.spec.machine}")
+
+    def is_running(self) -> bool:
+        return self.pid1() is not None
+
+    def start(self) -> None:
+        """Launch systemd-nspawn detached; wait_ready() completes the boot."""
+        if self.nspawn_pids():
+            raise SimError(f"{self.name} is already running")
+        self.mount()
+        log_path = Path(self.spec.directory) / "console.log"
+        args = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
+                "--capability=CAP_NET_ADMIN,CAP_NET_RAW", "--link-journal=no", "--resolv-conf=off",
+                "--timezone=off", f"--network-namespace-path={NETNS_DIR / self.spec.netns}",
+                f"--hostname={self.spec.name}", f"--machine={self.spec.machine}",
+                "-D", str(self.spec.root)]
+        with log_path.open("ab") as console:
+            self._nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console,
+                                            stderr=console, start_new_session=True)
+
+    def _exited_early(self) -> bool:
+        return self._nspawn is not None and self._nspawn.poll() is not None
+
+    def _system_state(self) -> str:
+        if self._exited_early():
+            log_tail = (Path(self.spec.directory) / "console.log").read_text(errors="replace")[-2000:]
+            raise SimError(f"{self.name}: systemd-nspawn exited {self._nspawn.returncode}:\n{log_tail}")
+        if self.pid1() is None:
+            return "offline"
+        return self.exec(["systemctl", "is-system-running"], check=False).stdout.strip()
+
+    def ssh_args(self, *command: str) -> list[str]:
+        return ["ssh", "-i", str(self.ssh_key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=3",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", f"root@{self.address}", *command]
+
+    def _ssh_answers(self) -> bool:
+        return run(self.ssh_args("true"), check=False, timeout=30).returncode == 0
+
+    def wait_ready(self) -> float:
+        """Block until systemd finished booting and SSH logs in; return seconds waited."""
+        start = time.monotonic()
+        timeout = BOOT_TIMEOUT[self.spec.arch]
+        wait_until(lambda: self._system_state() in READY_STATES, timeout=timeout,
+                   what=f"{self.name}: systemctl is-system-running = running/degraded")
+        remaining = max(5.0, timeout - (time.monotonic() - start))
+        wait_until(self._ssh_answers, timeout=remaining, what=f"{self.name}: ssh root@{self.address}")
+        return time.monotonic() - start
+
+    def exec(self, command: str | Sequence[str], *, check: bool = True,
+             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the running container (all its namespaces and root)."""
+        pid = self.pid1()
+        if pid is None:
+            raise SimError(f"{self.name} is not running")
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        return run(["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w",
+                    "/usr/bin/env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", *argv],
+                   check=check, timeout=timeout)
+
+    def stop(self) -> None:
+        """Halt systemd inside (SIGRTMIN+3), then make sure nothing of the container survives."""
+        pid = self.pid1()
+        if pid is not None:
+            signal_quietly(pid, signal.SIGRTMIN + 3)
+            try:
+                wait_until(lambda: not self.nspawn_pids() and not namespace_pids(self.spec.netns),
+                           timeout=HALT_TIMEOUT[self.spec.arch], what=f"{self.name} to halt")
+            except SimError as error:
+                log(f"{error}; killing what is left")
+        self.kill_leftovers()
+        if self._nspawn is not None:
+            self._nspawn.wait(timeout=10)
+            self._nspawn = None
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL every process in the netns and the nspawn itself (a killed nspawn leaves them)."""
+        for _ in range(50):
+            pids = namespace_pids(self.spec.netns) + self.nspawn_pids()
+            if not pids:
+                return
+            for pid in pids:
+                signal_quietly(pid, signal.SIGKILL)
+            wait_until(lambda pids=pids: not any(is_alive(p) for p in pids), timeout=10,
+                       what=f"{self.name}: processes to die", interval=0.05)
+        raise SimError(f"{self.name}: processes keep appearing in netns {self.spec.netns}")
+
+    def unmount(self) -> None:
+        if is_mounted(self.spec.root):
+            run(["umount", str(self.spec.root)])
+
+    def describe(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        ssh = shlex.join(self.ssh_args())
+        return f"{self.name:<10} {self.address:<15} {self.spec.arch:<6} {state}  ssh: {ssh}"

@@ -1,0 +1,160 @@
+"""End-to-end checks of the fleet simulator on amd64 boards (cached rootfs; ~15 s warm)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .commands import SimError
+from .mirror import MirrorSources
+from .network import links_with_prefix, namespaces_with_prefix
+from .sim import Fleet, run_dir_for
+
+pytestmark = pytest.mark.fleet
+
+LIBRARY_BYTES = b"\x7fELF stand-in library for the mirror test\n"
+
+
+def _sources(directory: Path) -> MirrorSources:
+    """Mirror inputs made here: these tests are about serving and hashing, not the double itself."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "librkllmrt.so").write_bytes(LIBRARY_BYTES)
+    (directory / "rkllm.h").write_text("/* header */\n")
+    (directory / "tiny.rkllm").write_text("format = rkllm-double/1\nname = Tiny-Test-Model  # comment\n")
+    return MirrorSources(directory / "librkllmrt.so", directory / "rkllm.h", (directory / "tiny.rkllm",))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory):
+    prefix = f"rt{os.getpid() % 0x10000:04x}"
+    base = tmp_path_factory.mktemp("fleet")
+    started = Fleet.up(arch="amd64", boards=2, prefix=prefix, inventory_dir=base / "inventory",
+                       board_driver=["b2=0.9.6"], board_ram=["board2=8192"],
+                       mirror_sources=_sources(base / "artefacts"))
+    try:
+        yield started
+    finally:
+        started.down()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def test_ansible_reaches_every_host_over_ssh(fleet: Fleet) -> None:
+    ansible = Path(sys.executable).parent / "ansible"
+    result = subprocess.run([str(ansible), "-i", str(fleet.inventory_path.parent), "all",
+                             "-m", "ansible.builtin.ping", "-o"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("board1", "board2", "balancer1"):
+        assert f'{name} | SUCCESS => {{"changed": false,"ping": "pong"}}' in result.stdout.replace(
+            ", ", ",").replace("  ", " ")
+
+
+def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
+    inventory = yaml.safe_load(fleet.inventory_path.read_text())["all"]
+    boards = inventory["children"]["rkllm_boards"]
+    assert set(boards["hosts"]) == {"board1", "board2"}
+    assert boards["vars"]["rknpu_driver_require_aarch64"] is False
+    assert boards["vars"]["rknpu_driver_debugfs_dir"] == "/srv/fixtures/rknpu"
+    assert set(inventory["children"]["rkllm_balancers"]["hosts"]) == {"balancer1"}
+    variables = inventory["vars"]
+    assert variables["rkllm_lib_sha256"] == hashlib.sha256(LIBRARY_BYTES).hexdigest()
+    assert variables["rkllm_lib_url"].startswith(variables["fleet_sim_mirror_url"])
+    assert variables["rkllm_lib_url"].endswith("/librkllm_api/aarch64/librkllmrt.so")
+    assert set(variables["rkllm_models_catalog_overrides"]) == {"Tiny-Test-Model"}
+
+
+def test_board_fixtures_follow_overrides(fleet: Fleet) -> None:
+    board1, board2 = fleet.board("board1"), fleet.board("board2")
+    assert board1.exec(["cat", "/srv/fixtures/rknpu/version"]).stdout == "RKNPU driver: v0.9.8\n"
+    assert board2.exec(["cat", "/srv/fixtures/rknpu/version"]).stdout == "RKNPU driver: v0.9.6\n"
+    assert "Core2:  0%" in board1.exec(["cat", "/srv/fixtures/rknpu/load"]).stdout
+    compatible = board1.exec(["cat", "/srv/fixtures/device-tree/compatible"]).stdout
+    assert compatible.split("\0") == ["radxa,rock-5b", "rockchip,rk3588", ""]
+    assert "MemTotal:       16777216 kB" in board1.exec(["cat", "/srv/fixtures/meminfo"]).stdout
+    assert "MemTotal:        8388608 kB" in board2.exec(["cat", "/srv/fixtures/meminfo"]).stdout
+    assert board2.exec(["hostname"]).stdout.strip() == "board2"
+
+
+def test_hosts_reach_each_other_and_the_mirror(fleet: Fleet) -> None:
+    board1, board2 = fleet.board("board1"), fleet.board("board2")
+    assert board1.exec(["ping", "-c1", "-W2", "board2"], check=False).returncode == 0
+    url = yaml.safe_load(fleet.inventory_path.read_text())["all"]["vars"]["rkllm_lib_url"]
+    fetched = board2.exec(["curl", "-fsS", "-m5", url + ".sha256"]).stdout
+    assert fetched == f"{hashlib.sha256(LIBRARY_BYTES).hexdigest()}  librkllmrt.so\n"
+
+
+def test_client_namespace_reaches_balancer_nginx(fleet: Fleet) -> None:
+    reply = fleet.client_exec(["curl", "-sS", "-m5", "-o", "/dev/null", "-w", "%{http_code}",
+                               f"http://{fleet.balancer.address}/"])
+    assert reply.stdout == "200"
+
+
+def test_restart_keeps_installed_files(fleet: Fleet) -> None:
+    board = fleet.board("board2")
+    board.exec("echo installed > /usr/local/lib/marker")
+    old_boot_id = board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+    fleet.restart("board2")
+    assert board.exec(["cat", "/usr/local/lib/marker"]).stdout == "installed\n"
+    state = board.exec(["systemctl", "is-system-running"], check=False).stdout.strip()
+    assert state in ("running", "degraded")
+    # nspawn gives each container boot its own boot_id, so a new one proves a real reboot.
+    assert board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != old_boot_id
+
+
+def test_stopped_board_is_unreachable_until_started(fleet: Fleet) -> None:
+    fleet.stop("board1")
+    assert not fleet.board("board1").is_running()
+    with pytest.raises(SimError, match="not running"):
+        fleet.board("board1").exec(["true"])
+    ssh_board1 = fleet.board("board1").ssh_args("hostname")
+    assert fleet.client_exec(ssh_board1, check=False).returncode != 0
+    fleet.start("board1")
+    assert fleet.client_exec(ssh_board1).stdout == "board1\n"
+
+
+def test_down_leaves_nothing_even_after_nspawn_was_killed(fleet: Fleet) -> None:
+    # SIGKILL of systemd-nspawn orphans the container's processes; down must still remove them.
+    for pid in fleet.board("board1").nspawn_pids():
+        os.kill(pid, signal.SIGKILL)
+    fleet.down()
+    prefix = fleet.prefix
+    assert namespaces_with_prefix(prefix) == []
+    assert links_with_prefix(prefix) == []
+    assert f"{prefix}-" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                              text=True, check=True).stdout
+    assert str(run_dir_for(prefix)) not in Path("/proc/mounts").read_text()
+    assert _processes_mentioning(f"--machine={prefix}-") == []
+    assert _processes_mentioning(str(run_dir_for(prefix))) == []
+    assert not run_dir_for(prefix).exists()
+    assert not fleet.inventory_path.exists()
+
+
+def test_failed_up_cleans_up_after_itself(tmp_path: Path) -> None:
+    prefix = f"rx{os.getpid() % 0x10000:04x}"
+    sources = _sources(tmp_path)
+    broken = MirrorSources(tmp_path / "missing.so", sources.header, sources.models)
+    with pytest.raises(FileNotFoundError):
+        Fleet.up(arch="amd64", boards=1, prefix=prefix, inventory_dir=tmp_path / "inventory",
+                 mirror_sources=broken)
+    assert namespaces_with_prefix(prefix) == []
+    assert links_with_prefix(prefix) == []
+    assert not run_dir_for(prefix).exists()
