@@ -1,0 +1,165 @@
+"""Render the nginx_lb role with Ansible and run the result as a real nginx on loopback.
+
+Shared by the balancer tests and bench/bench_balancer.py: the config under test is always the one
+the role renders, never a hand-written copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+_ROLE_PLAY = """\
+- name: Run {role} tasks from {tasks_from}
+  hosts: {hosts}
+  gather_facts: false
+  tasks:
+    - name: Include {role}
+      ansible.builtin.include_role:
+        name: {role}
+        tasks_from: {tasks_from}
+"""
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    port: int
+    models: Sequence[str]
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RenderedBalancer:
+    prefix: Path
+    conf: Path
+    port: int
+    js: Path
+    extra_vars: dict[str, object] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def render_balancer(prefix: Path, boards: Sequence[Board], **role_vars: object) -> RenderedBalancer:
+    """Run the role's configure tasks (template + `nginx -t` validate) into `prefix`."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = int(role_vars.pop("nginx_lb_http_port", free_port()))  # type: ignore[call-overload]
+    inventory = {
+        "all": {
+            "children": {
+                "rkllm_balancers": {"hosts": {"balancer": local_host()}},
+                "rkllm_boards": {
+                    "hosts": {
+                        b.name: {"ansible_host": b.address, "rkllm_server_port": b.port,
+                                 "rkllm_models_enabled": list(b.models)}
+                        for b in boards
+                    },
+                },
+            },
+        },
+    }
+    variables: dict[str, object] = {
+        "nginx_lb_manage_service": False,
+        "nginx_lb_conf_path": str(prefix / "nginx.conf"),
+        "nginx_lb_js_dir": str(prefix / "js"),
+        "nginx_lb_state_dir": str(prefix / "state"),
+        "nginx_lb_log_dir": str(prefix / "log"),
+        "nginx_lb_pid_path": str(prefix / "nginx.pid"),
+        "nginx_lb_listen_addresses": ["127.0.0.1"],
+        "nginx_lb_http_port": port,
+        "nginx_lb_user": "root",
+        "nginx_lb_worker_processes": 2,
+        **role_vars,
+    }
+    run_role_tasks(prefix, inventory, variables, role="nginx_lb", tasks_from="configure",
+                   hosts="rkllm_balancers")
+    return RenderedBalancer(prefix=prefix, conf=prefix / "nginx.conf", port=port,
+                            js=prefix / "js" / "rkllm_route.js", extra_vars=variables)
+
+
+def local_host() -> dict[str, str]:
+    """Host vars for an inventory host that Ansible runs on this machine."""
+    return {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+
+
+def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[str, object], *,
+                   role: str, tasks_from: str, hosts: str) -> None:
+    """Run one tasks file of a repo role with ansible-playbook, as the roles run in production."""
+    (workdir / "inventory.json").write_text(json.dumps(inventory))
+    (workdir / "vars.json").write_text(json.dumps(variables))
+    (workdir / "play.yml").write_text(_ROLE_PLAY.format(role=role, tasks_from=tasks_from, hosts=hosts))
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
+    result = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"), "-e", f"@{workdir / 'vars.json'}",
+         str(workdir / "play.yml")],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{role}/{tasks_from} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def nginx_check(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nginx", "-t", "-c", str(conf)], capture_output=True, text=True, check=False)
+
+
+def wait_until_http(url: str, deadline_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    last: Exception | None = None
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not answering after {deadline_s}s: {last}")
+
+
+@contextmanager
+def running_nginx(balancer: RenderedBalancer) -> Iterator[str]:
+    """Start nginx in the foreground on the rendered config; yield its base URL."""
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(balancer.conf), "-p", str(balancer.prefix), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{balancer.port}"
+    try:
+        wait_until_http(f"{base}/healthz", proc=proc)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def reload_nginx(balancer: RenderedBalancer) -> None:
+    subprocess.run(["nginx", "-c", str(balancer.conf), "-p", str(balancer.prefix), "-s", "reload"],
+                   check=True, capture_output=True)
+
+
+def access_log(balancer: RenderedBalancer) -> str:
+    return (balancer.prefix / "log" / "access.log").read_text()

@@ -1,0 +1,162 @@
+"""fleet_firewall's nftables table: rendered by the role, checked by nft, applied twice in a throwaway
+network namespace wired to a "balancer" and a "client" namespace by veth pairs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from balancer_harness import local_host, run_role_tasks
+
+BALANCER_V4, BALANCER_V6 = "10.77.1.1", "fd77:1::1"
+BOARD_BAL_V4, BOARD_BAL_V6 = "10.77.1.2", "fd77:1::2"
+CLIENT_V4, CLIENT_V6 = "10.77.2.1", "fd77:2::1"
+BOARD_CLI_V4, BOARD_CLI_V6 = "10.77.2.2", "fd77:2::2"
+SERVING_PORT, SSH_PORT = 18080, 18022
+
+def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def _in(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _sh("ip", "netns", "exec", ns, *args, check=check)
+
+
+def render_tables(out: Path) -> dict[str, Path]:
+    """Run the role's render tasks (with its `nft -c -f` validate) for a board and a balancer."""
+    inventory = {"all": {"children": {
+        "rkllm_balancers": {"hosts": {"lb": {**local_host(), "ansible_host": BALANCER_V4}}},
+        "rkllm_boards": {"hosts": {"board": {**local_host(), "ansible_host": BOARD_BAL_V4,
+                                             "rkllm_server_port": SERVING_PORT}}},
+    }}}
+    variables: dict[str, object] = {
+        "fleet_firewall_nft_path": str(out / "{{ inventory_hostname }}.nft"),
+        "fleet_firewall_balancer_addresses": [BALANCER_V4, BALANCER_V6],
+        "fleet_firewall_controller_addresses": [CLIENT_V4, CLIENT_V6],
+        "fleet_firewall_ssh_port": SSH_PORT,
+    }
+    run_role_tasks(out, inventory, variables, role="fleet_firewall", tasks_from="render", hosts="all")
+    return {"board": out / "board.nft", "lb": out / "lb.nft"}
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return render_tables(tmp_path_factory.mktemp("fw"))
+
+
+@pytest.fixture
+def fleet_net() -> Iterator[dict[str, str]]:
+    """board <-veth-> balancer and board <-veth-> client, IPv4 and IPv6."""
+    tag = f"fw{os.getpid() % 100000}"
+    names = {"board": f"{tag}-board", "balancer": f"{tag}-lb", "client": f"{tag}-cli"}
+    for ns in names.values():
+        _sh("ip", "netns", "add", ns)
+    try:
+        for peer, board_v4, board_v6, peer_v4, peer_v6 in (
+            ("balancer", BOARD_BAL_V4, BOARD_BAL_V6, BALANCER_V4, BALANCER_V6),
+            ("client", BOARD_CLI_V4, BOARD_CLI_V6, CLIENT_V4, CLIENT_V6),
+        ):
+            board_if, peer_if = f"{tag}b{peer[0]}", f"{tag}p{peer[0]}"
+            _sh("ip", "link", "add", board_if, "netns", names["board"], "type", "veth",
+                "peer", "name", peer_if, "netns", names[peer])
+            for ns, ifname, v4, v6 in ((names["board"], board_if, board_v4, board_v6),
+                                       (names[peer], peer_if, peer_v4, peer_v6)):
+                _in(ns, "ip", "link", "set", "lo", "up")
+                _in(ns, "ip", "addr", "add", f"{v4}/24", "dev", ifname)
+                _in(ns, "ip", "-6", "addr", "add", f"{v6}/64", "dev", ifname, "nodad")
+                _in(ns, "ip", "link", "set", ifname, "up")
+        yield names
+    finally:
+        for ns in names.values():
+            for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                _sh("kill", "-9", pid, check=False)
+            _sh("ip", "netns", "del", ns, check=False)
+
+
+def _listeners(board_ns: str) -> subprocess.Popen[bytes]:
+    """A TCP listener on the serving and SSH ports (both families) inside the board namespace."""
+    code = (
+        "import socket, selectors\n"
+        "sel = selectors.DefaultSelector()\n"
+        f"for port in ({SERVING_PORT}, {SSH_PORT}):\n"
+        "    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('::', port)); s.listen(64)\n"
+        "    sel.register(s, selectors.EVENT_READ)\n"
+        "while True:\n"
+        "    for key, _ in sel.select():\n"
+        "        conn, _ = key.fileobj.accept(); conn.sendall(b'ok'); conn.close()\n"
+    )
+    return subprocess.Popen(["ip", "netns", "exec", board_ns, sys.executable, "-c", code])
+
+
+def _reaches(ns: str, address: str, port: int) -> bool:
+    code = (
+        "import socket, sys\n"
+        f"fam = socket.AF_INET6 if ':' in {address!r} else socket.AF_INET\n"
+        "s = socket.socket(fam); s.settimeout(0.4)\n"
+        f"try:\n    s.connect(({address!r}, {port})); sys.exit(0 if s.recv(2) == b'ok' else 1)\n"
+        "except OSError:\n    sys.exit(1)\n"
+    )
+    return _in(ns, sys.executable, "-c", code, check=False).returncode == 0
+
+
+def _wait_listening(ns: str) -> None:
+    deadline = time.monotonic() + 10
+    while not _reaches(ns, "127.0.0.1", SERVING_PORT):
+        assert time.monotonic() < deadline, "listener in the board namespace did not start"
+        time.sleep(0.05)
+
+
+def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str, Path]) -> None:
+    board = tables["board"].read_text()
+    rules = [line for line in board.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in rules if "flush" in line or "iif " in line]
+    assert f"tcp dport {{ {SERVING_PORT} }} ip saddr @serving_v4 accept" in board
+    assert f"tcp dport {{ {SERVING_PORT} }} ip6 saddr @serving_v6 accept" in board
+    assert BALANCER_V6 in board and CLIENT_V6 in board
+    assert "dport { 80, 443 }" in tables["lb"].read_text()
+    assert "serving_v4" not in tables["lb"].read_text()
+    for path in tables.values():
+        checked = _sh("nft", "-c", "-f", str(path), check=False)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_board_table_applies_twice_keeps_foreign_tables_and_filters(
+    tables: dict[str, Path], fleet_net: dict[str, str],
+) -> None:
+    board_ns = fleet_net["board"]
+    # A foreign table (as ufw/docker would own) must survive our loads.
+    _in(board_ns, "nft", "add", "table", "ip", "foreign")
+    _in(board_ns, "nft", "add", "chain", "ip", "foreign", "keep")
+    listener = _listeners(board_ns)
+    try:
+        _wait_listening(board_ns)
+        # Before the firewall everything is reachable: the checks below can tell a difference.
+        assert _reaches(fleet_net["client"], BOARD_CLI_V4, SERVING_PORT)
+
+        for _ in range(2):
+            applied = _in(board_ns, "nft", "-f", str(tables["board"]), check=False)
+            assert applied.returncode == 0, applied.stderr
+        listed = _in(board_ns, "nft", "list", "tables").stdout.split("\n")
+        assert listed.count("table inet rkllm_fleet") == 1
+        assert "table ip foreign" in listed
+
+        balancer, client = fleet_net["balancer"], fleet_net["client"]
+        assert _reaches(balancer, BOARD_BAL_V4, SERVING_PORT)
+        assert _reaches(balancer, BOARD_BAL_V6, SERVING_PORT)
+        assert not _reaches(client, BOARD_CLI_V4, SERVING_PORT)
+        assert not _reaches(client, BOARD_CLI_V6, SERVING_PORT)
+        # SSH: the controller (client namespace here) keeps access, others do not.
+        assert _reaches(client, BOARD_CLI_V4, SSH_PORT)
+        assert _reaches(client, BOARD_CLI_V6, SSH_PORT)
+        assert not _reaches(balancer, BOARD_BAL_V4, SSH_PORT)
+        # The board itself still reaches its server over loopback.
+        assert _reaches(board_ns, "127.0.0.1", SERVING_PORT)
+    finally:
+        listener.kill()
+        listener.wait()
