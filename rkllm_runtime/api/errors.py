@@ -1,0 +1,98 @@
+"""Errors as each API family shapes them; no request ever gets a traceback or an HTML page.
+
+OpenAI routes (/v1/...) answer {"error": {"message", "type", "param", "code"}}; Ollama routes
+(/api/...) and everything else answer {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "server_overloaded",
+}
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    if path.startswith("/v1/"):
+        body: object = {
+            "error": {
+                "message": error.message,
+                "type": _TYPES.get(error.status, "server_error"),
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+    else:
+        body = {"error": error.message}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def sse_error_event(error: ApiError) -> bytes:
+    """A mid-stream failure, as an OpenAI stream carries it: one data event with an error object."""
+    payload = {
+        "error": {
+            "message": error.message,
+            "type": _TYPES.get(error.status, "server_error"),
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request.url.path, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(request.url.path, ApiError(exc.status_code, str(exc.detail)))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return error_response(request.url.path, bad_request(f"{param or 'body'}: {first['msg']}", param))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log (uvicorn prints it); the client gets the API's shape only.
+    return error_response(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}"))
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: _api_error,
+    StarletteHTTPException: _http_error,
+    RequestValidationError: _validation_error,
+    Exception: _unexpected_error,
+}

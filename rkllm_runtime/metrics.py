@@ -1,0 +1,150 @@
+"""Prometheus metrics of one server app (its own CollectorRegistry, so apps never share counters)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from rkllm_runtime.config import ServerConfig
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# *_created series double every counter and histogram for no use on a dashboard.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+_TOKEN_GAP_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_RATE_BUCKETS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 25.0, 32.0, 45.0, 64.0, 128.0, 1000.0)
+_LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0)
+
+_CORE_LOAD = re.compile(r"Core(\d+):\s*(\d+(?:\.\d+)?)%")
+_DRIVER_VERSION = re.compile(r"v?(\d+\.\d+\.\d+)")
+
+
+def read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def parse_npu_load(text: str) -> dict[str, float]:
+    """'NPU load:  Core0: 12%, Core1:  0%, Core2:  0%,' -> {'0': 12.0, '1': 0.0, '2': 0.0}."""
+    return {core: float(value) for core, value in _CORE_LOAD.findall(text)}
+
+
+def parse_driver_version(text: str | None) -> str:
+    match = _DRIVER_VERSION.search(text or "")
+    return match.group(1) if match else "unknown"
+
+
+class _NodeCollector(Collector):
+    """Read at scrape time: NPU load from the rknpu debugfs file, and the build info."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        load = GaugeMetricFamily(
+            "rkllm_npu_load_percent", "NPU load per core (rknpu debugfs)", labels=["core"]
+        )
+        for core, percent in parse_npu_load(read_text(self._config.rknpu.load_path) or "").items():
+            load.add_metric([core], percent)
+        yield load
+        info = GaugeMetricFamily(
+            "rkllm_build_info",
+            "Runtime, driver and model of this server",
+            labels=["runtime", "driver", "model", "model_sha256"],
+        )
+        driver = parse_driver_version(read_text(self._config.rknpu.version_path))
+        for model in self._config.models:
+            info.add_metric([self._config.runtime_version, driver, model.name, model.sha256 or "unknown"], 1)
+        yield info
+
+
+class Metrics:
+    def __init__(self, config: ServerConfig) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("rkllm_requests_running", "Generations running", ["model"], registry=r)
+        self.waiting = Gauge("rkllm_requests_waiting", "Requests queued for a handle", ["model"], registry=r)
+        self.rejected = Counter(
+            "rkllm_requests_rejected", "Requests turned away", ["model", "reason"], registry=r
+        )
+        self.prompt_tokens = Counter("rkllm_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
+        self.generation_tokens = Counter("rkllm_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.time_to_first_token = Histogram(
+            "rkllm_time_to_first_token_seconds",
+            "Request arrival to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "rkllm_inter_token_latency_seconds",
+            "Gap between consecutive tokens",
+            ["model"],
+            buckets=_TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "rkllm_request_queue_time_seconds",
+            "Time waiting for the handle",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "rkllm_e2e_request_latency_seconds",
+            "Request arrival to last token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_rate = Histogram(
+            "rkllm_decode_tokens_per_second",
+            "Decode speed reported by the runtime's perf stats",
+            ["model"],
+            buckets=_RATE_BUCKETS,
+            registry=r,
+        )
+        self.model_load = Histogram(
+            "rkllm_model_load_seconds", "rkllm_init duration", ["model"], buckets=_LOAD_BUCKETS, registry=r
+        )
+        r.register(_NodeCollector(config))
+        for model in config.models:
+            self.running.labels(model.name).set(0)
+            self.waiting.labels(model.name).set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
