@@ -1,0 +1,195 @@
+"""The monitoring role's Prometheus files: rendered by Ansible, checked and unit-tested by promtool."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from monitoring_harness import PROMTOOL, render_monitoring
+
+B1 = {"board": "board1", "instance": "10.0.0.11:8080", "job": "rkllm", "role": "board"}
+B2 = {"board": "board2", "instance": "10.0.0.12:8090", "job": "rkllm", "role": "board"}
+N1 = {"board": "board1", "instance": "10.0.0.11:9100", "job": "node", "role": "board"}
+N2 = {"board": "board2", "instance": "10.0.0.12:9100", "job": "node", "role": "board"}
+N3 = {"board": "board3", "instance": "10.0.0.13:9100", "job": "node", "role": "board"}
+PHI3 = "Phi-3-mini-4k-instruct"
+RKNPU_FILE = "/var/lib/prometheus/node-exporter/rknpu.prom"
+
+
+def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+    body = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    return {"series": f"{name}{{{body}}}", "values": values}
+
+
+def drop(labels: dict[str, str], *keys: str) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if k not in keys}
+
+
+# alert -> (input series, [(eval time, [expected labels of each firing alert])]); every case shows the
+# alert quiet, then firing, then cleared.
+CASES: dict[str, list[tuple[list[dict[str, str]], list[tuple[str, list[dict[str, str]]]]]]] = {
+    "RkllmBoardDown": [(
+        [series("up", B1, "1 1 0 0 0 0 1 1 1"), series("up", B2, "1x8")],
+        [("3m", []), ("4m", [{**B1, "severity": "critical"}]), ("8m", [])],
+    )],
+    "RkllmServerRestarting": [(
+        [series("process_start_time_seconds", B1, "100 100 400 400 700x25"),
+         series("node_systemd_service_restart_total", {**N2, "name": "rkllm-server.service"}, "0 0 1 2 3x25"),
+         series("node_systemd_service_restart_total", {**N1, "name": "ssh.service"}, "0 1 2 3 4x25")],
+        [("1m", []),
+         ("5m", [{**B1, "severity": "warning"},
+                 {**N2, "name": "rkllm-server.service", "severity": "warning"}]),
+         ("25m", [])],
+    )],
+    "RkllmHighTTFT": [(
+        [series("rkllm_time_to_first_token_seconds_bucket", {**B1, "model": "m", "le": "1"},
+                "0+1x15 25+10x24"),
+         series("rkllm_time_to_first_token_seconds_bucket", {**B1, "model": "m", "le": "10"}, "0+10x40"),
+         series("rkllm_time_to_first_token_seconds_bucket", {**B1, "model": "m", "le": "+Inf"}, "0+10x40")],
+        [("10m", []), ("12m", [{"board": "board1", "model": "m", "severity": "warning"}]), ("25m", [])],
+    )],
+    "RkllmFleetSaturated": [(
+        [series("up", B1, "1x30"), series("up", B2, "1x30"),
+         series("rkllm_requests_running", {**B1, "model": "m"}, "1x30"),
+         series("rkllm_requests_running", {**B2, "model": "m"}, "1x10 0x20"),
+         series("rkllm_requests_rejected_total", {**B1, "model": "m", "reason": "busy"}, "0+2x30")],
+        [("4m", []), ("7m", [{"severity": "warning"}]), ("12m", [])],
+    )],
+    "RkllmErrorRatio": [(
+        [series("rkllm_e2e_request_latency_seconds_count", {**B1, "model": "m"}, "0+10x30"),
+         series("rkllm_requests_rejected_total", {**B1, "model": "m", "reason": "run_error"}, "0+2x10 20x20"),
+         series("rkllm_requests_rejected_total", {**B1, "model": "m", "reason": "busy"}, "0+5x30"),
+         series("rkllm_e2e_request_latency_seconds_count", {**B2, "model": "m"}, "0+10x30"),
+         series("rkllm_requests_rejected_total", {**B2, "model": "m", "reason": "busy"}, "0+50x30")],
+        [("4m", []), ("7m", [{"board": "board1", "severity": "warning"}]), ("17m", [])],
+    )],
+    "RknpuMetricsStale": [
+        (
+            [series("node_textfile_mtime_seconds", {**N1, "file": RKNPU_FILE}, "0+60x10 600x14 1500+60x10"),
+             series("up", N1, "1x40")],
+            [("15m", []), ("22m", [{**N1, "file": RKNPU_FILE, "severity": "warning"}]), ("26m", [])],
+        ),
+        (
+            [series("up", N2, "1x18"), series("up", N3, "1x18"),
+             series("node_textfile_mtime_seconds", {**N3, "file": RKNPU_FILE}, "0+60x18"),
+             series("rknpu_collector_file_readable", {**N3, "file": "load"}, "0x8 1x10"),
+             series("rknpu_collector_file_readable", {**N3, "file": "version"}, "1x18")],
+            [("4m", []),
+             ("6m", [{**N2, "severity": "warning"}, {"board": "board3", "severity": "warning"}]),
+             ("10m", [{**N2, "severity": "warning"}])],
+        ),
+    ],
+    "RknpuDriverTooOld": [(
+        [series("rknpu_driver_version_code", N1, "906x5 908x5"),
+         series("rknpu_driver_version_code", N2, "908x10")],
+        [("2m", [{**N1, "severity": "critical"}]), ("7m", [])],
+    )],
+    "RkllmModelMemoryNearRam": [(
+        [series("node_memory_MemTotal_bytes", N1, "4294967296x15"),
+         series("node_memory_MemTotal_bytes", N2, "17179869184x15"),
+         series("rkllm_build_info", {**B1, "model": PHI3, "driver": "0.9.8"}, "1x6 stale"),
+         series("rkllm_build_info", {**B1, "model": "Qwen2.5-1.5B-Instruct", "driver": "0.9.8"}, "_x6 1x8"),
+         series("rkllm_build_info", {**B2, "model": PHI3, "driver": "0.9.8"}, "1x15")],
+        [("3m", []), ("5m", [{"board": "board1", "severity": "warning"}]), ("9m", [])],
+    )],
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("monitoring")
+    run = render_monitoring(out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+def alert_rules(rendered: Path) -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load((rendered / "rules/rkllm.yml").read_text())["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def expand(annotation: str, labels: dict[str, str]) -> str:
+    return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), annotation)
+
+
+def promtool_tests(rules: dict[str, dict[str, Any]], alert: str, flip: bool = False) -> dict[str, Any]:
+    tests = []
+    for input_series, checks in CASES[alert]:
+        alert_tests = []
+        for eval_time, expected in checks:
+            if flip:
+                expected = [] if expected else [{"severity": "never"}]
+            alert_tests.append({
+                "eval_time": eval_time, "alertname": alert,
+                "exp_alerts": [{
+                    "exp_labels": labels,
+                    "exp_annotations": {k: expand(v, labels) for k, v in rules[alert]["annotations"].items()},
+                } for labels in expected],
+            })
+        tests.append({"interval": "1m", "input_series": input_series, "alert_rule_test": alert_tests})
+    return {"rule_files": ["rules/rkllm.yml"], "evaluation_interval": "1m", "tests": tests}
+
+
+def run_promtool_test(rendered: Path, name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    test_file = rendered / f"{name}_test.yml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return subprocess.run([PROMTOOL, "test", "rules", test_file.name], cwd=rendered, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_rendered_config_passes_full_promtool_check(rendered: Path) -> None:
+    check = subprocess.run([PROMTOOL, "check", "config", str(rendered / "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = yaml.safe_load((rendered / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    rkllm_targets = {t["labels"]["board"]: t["targets"][0] for t in jobs["rkllm"]["static_configs"]}
+    assert rkllm_targets == {"board1": "10.0.0.11:8080", "board2": "10.0.0.12:8090"}
+    node_boards = [t["labels"]["board"] for t in jobs["node"]["static_configs"]]
+    # balancer1 is balancer and monitor: scraped once.
+    assert node_boards == ["board1", "board2", "balancer1"]
+    assert [t["targets"] for t in jobs["nginx"]["static_configs"]] == [["10.0.0.2:9113"]]
+
+
+def test_catalog_becomes_model_memory_records(rendered: Path) -> None:
+    groups = yaml.safe_load((rendered / "rules/rkllm.yml").read_text())["groups"]
+    records = {r["labels"]["model"]: r["expr"] for g in groups for r in g["rules"] if "record" in r}
+    assert records == {"Qwen2.5-1.5B-Instruct": f"vector({1659 * 1048576})",
+                       "Phi-3-mini-4k-instruct": f"vector({3748 * 1048576})"}
+
+
+def test_every_alert_has_a_promtool_case(rendered: Path) -> None:
+    assert set(alert_rules(rendered)) == set(CASES)
+
+
+@pytest.mark.parametrize("alert", sorted(CASES))
+def test_alert_fires_and_clears(rendered: Path, alert: str) -> None:
+    run = run_promtool_test(rendered, alert, promtool_tests(alert_rules(rendered), alert))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_promtool_harness_catches_wrong_expectations(rendered: Path) -> None:
+    flipped = promtool_tests(alert_rules(rendered), "RkllmBoardDown", flip=True)
+    run = run_promtool_test(rendered, "flipped", flipped)
+    assert run.returncode != 0
+    assert "FAILED" in run.stdout + run.stderr
+
+
+def test_broken_rule_is_refused_and_not_installed(tmp_path: Path) -> None:
+    run = render_monitoring(tmp_path, {"monitoring_alert_ttft_p95_seconds": "5 +"})
+    assert run.returncode != 0
+    assert "failed to validate" in run.stdout
+    assert not (tmp_path / "rules/rkllm.yml").exists()
+
+
+def test_empty_fleet_still_renders_valid_files(tmp_path: Path) -> None:
+    run = render_monitoring(tmp_path, {"monitoring_model_catalog": []},
+                            inventory={"all": {"hosts": {"monitor1": {}}}})
+    assert run.returncode == 0, run.stdout + run.stderr
+    check = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
