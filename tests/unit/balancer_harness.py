@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -49,7 +49,6 @@ class RenderedBalancer:
     conf: Path
     port: int
     js: Path
-    extra_vars: dict[str, object] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -58,41 +57,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str, dict[str, object]]
+                     ) -> dict[str, RenderedBalancer]:
+    """Run the role's configure tasks (template + `nginx -t` validate) once for several balancer
+    variants (host vars per variant, e.g. drained boards), each into workdir/<variant>."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    rendered: dict[str, RenderedBalancer] = {}
+    hosts: dict[str, object] = {}
+    for variant, role_vars in variants.items():
+        prefix = workdir / variant
+        port = free_port()
+        hosts[variant] = {
+            **local_host(),
+            "nginx_lb_manage_service": False,
+            "nginx_lb_conf_path": str(prefix / "nginx.conf"),
+            "nginx_lb_js_dir": str(prefix / "js"),
+            "nginx_lb_state_dir": str(prefix / "state"),
+            "nginx_lb_log_dir": str(prefix / "log"),
+            "nginx_lb_pid_path": str(prefix / "nginx.pid"),
+            "nginx_lb_listen_addresses": ["127.0.0.1"],
+            "nginx_lb_http_port": port,
+            "nginx_lb_user": "root",
+            "nginx_lb_worker_processes": 2,
+            **role_vars,
+        }
+        rendered[variant] = RenderedBalancer(prefix=prefix, conf=prefix / "nginx.conf", port=port,
+                                             js=prefix / "js" / "rkllm_route.js")
+    board_hosts = {b.name: {"ansible_host": b.address, "rkllm_server_port": b.port,
+                            "rkllm_models_enabled": list(b.models)} for b in boards}
+    inventory = {"all": {"children": {"rkllm_balancers": {"hosts": hosts},
+                                      "rkllm_boards": {"hosts": board_hosts}}}}
+    run_role_tasks(workdir, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
+    return rendered
+
+
 def render_balancer(prefix: Path, boards: Sequence[Board], **role_vars: object) -> RenderedBalancer:
-    """Run the role's configure tasks (template + `nginx -t` validate) into `prefix`."""
-    prefix.mkdir(parents=True, exist_ok=True)
-    port = int(role_vars.pop("nginx_lb_http_port", free_port()))  # type: ignore[call-overload]
-    inventory = {
-        "all": {
-            "children": {
-                "rkllm_balancers": {"hosts": {"balancer": local_host()}},
-                "rkllm_boards": {
-                    "hosts": {
-                        b.name: {"ansible_host": b.address, "rkllm_server_port": b.port,
-                                 "rkllm_models_enabled": list(b.models)}
-                        for b in boards
-                    },
-                },
-            },
-        },
-    }
-    variables: dict[str, object] = {
-        "nginx_lb_manage_service": False,
-        "nginx_lb_conf_path": str(prefix / "nginx.conf"),
-        "nginx_lb_js_dir": str(prefix / "js"),
-        "nginx_lb_state_dir": str(prefix / "state"),
-        "nginx_lb_log_dir": str(prefix / "log"),
-        "nginx_lb_pid_path": str(prefix / "nginx.pid"),
-        "nginx_lb_listen_addresses": ["127.0.0.1"],
-        "nginx_lb_http_port": port,
-        "nginx_lb_user": "root",
-        "nginx_lb_worker_processes": 2,
-        **role_vars,
-    }
-    run_role_tasks(prefix, inventory, variables, role="nginx_lb", tasks_from="configure",
-                   hosts="rkllm_balancers")
-    return RenderedBalancer(prefix=prefix, conf=prefix / "nginx.conf", port=port,
-                            js=prefix / "js" / "rkllm_route.js", extra_vars=variables)
+    return render_balancers(prefix, boards, {"lb": role_vars})["lb"]
 
 
 def local_host() -> dict[str, str]:
@@ -163,3 +163,63 @@ def reload_nginx(balancer: RenderedBalancer) -> None:
 
 def access_log(balancer: RenderedBalancer) -> str:
     return (balancer.prefix / "log" / "access.log").read_text()
+
+
+@dataclass(frozen=True)
+class BoardModel:
+    """A fake model served by a board: `reply_tokens` tokens at `tokens_per_second` (the double's pace)."""
+
+    name: str
+    tokens_per_second: float = 50.0
+    reply_tokens: int = 100
+    queue_size: int = 0
+
+
+def _board_config(workdir: Path, library: Path, port: int, models: Sequence[BoardModel]) -> Path:
+    lines = [f'library = "{library}"', 'host = "127.0.0.1"', f"port = {port}"]
+    for model in models:
+        model_file = workdir / f"{model.name}.rkllm"
+        model_file.write_text(
+            "format = rkllm-double/1\n"
+            f"name = {model.name}\ntoolkit_version = 1.2.3\ntarget_platform = rk3588\n"
+            "max_context = 4096\nmemory_mb = 256\n"
+            f"decode_tokens_per_second = {model.tokens_per_second}\nprefill_ms_per_token = 0\n"
+            f"reply_tokens = {model.reply_tokens}\n"
+            "vocab = Hello|,| world| NPU| fleet| token| board| rock| chip\n"
+        )
+        lines += ["[[models]]", f'name = "{model.name}"', f'path = "{model_file}"',
+                  f"queue_size = {model.queue_size}", "pinned = true"]
+    config = workdir / "server.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@contextmanager
+def running_boards(workdir: Path, library: Path, boards: dict[str, Sequence[BoardModel]]
+                   ) -> Iterator[dict[str, Board]]:
+    """Start one real rkllm-server per board on loopback; yield the boards by name once all are ready."""
+    server = Path(sys.executable).parent / "rkllm-server"
+    procs: list[subprocess.Popen[bytes]] = []
+    started: dict[str, Board] = {}
+    try:
+        for name, models in boards.items():
+            board_dir = workdir / name
+            board_dir.mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            config = _board_config(board_dir, library, port, models)
+            log = (board_dir / "server.log").open("wb")
+            procs.append(subprocess.Popen([str(server), "--config", str(config), "--log-level", "warning"],
+                                          stdout=log, stderr=subprocess.STDOUT))
+            started[name] = Board(name=name, port=port, models=[m.name for m in models])
+        for proc, board in zip(procs, started.values(), strict=True):
+            wait_until_http(f"http://127.0.0.1:{board.port}/ready", deadline_s=30, proc=proc)
+        yield started
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,210 @@
+"""nginx_lb as rendered by Ansible, checked by `nginx -t`, run as a real nginx in front of real
+rkllm-server boards (the C double standing in for the NPU) on loopback.
+
+Fleet: b1 hosts alpha, beta, delta; b2 hosts alpha, delta; b3 hosts alpha, gamma. Every model has
+queue_size 0, so a board running one generation of a model answers 503 "queue full" for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from balancer_harness import (
+    Board,
+    BoardModel,
+    RenderedBalancer,
+    access_log,
+    free_port,
+    nginx_check,
+    render_balancer,
+    render_balancers,
+    running_boards,
+    running_nginx,
+)
+
+FLEET = {
+    "b1": [BoardModel("alpha"), BoardModel("beta"), BoardModel("delta")],
+    "b2": [BoardModel("alpha"), BoardModel("delta")],
+    "b3": [BoardModel("alpha"), BoardModel("gamma")],
+}
+
+
+@pytest.fixture(scope="module")
+def boards(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) -> Iterator[dict[str, Board]]:
+    with running_boards(tmp_path_factory.mktemp("boards"), double_library_path, FLEET) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def balancers(tmp_path_factory: pytest.TempPathFactory,
+              boards: dict[str, Board]) -> dict[str, RenderedBalancer]:
+    return render_balancers(tmp_path_factory.mktemp("lb"), list(boards.values()),
+                            {"main": {}, "drained": {"nginx_lb_drained_boards": ["b2"]}})
+
+
+@pytest.fixture(scope="module")
+def balancer(balancers: dict[str, RenderedBalancer]) -> RenderedBalancer:
+    return balancers["main"]
+
+
+@pytest.fixture(scope="module")
+def drained_balancer(balancers: dict[str, RenderedBalancer]) -> RenderedBalancer:
+    return balancers["drained"]
+
+
+@pytest.fixture
+def lb(balancer: RenderedBalancer) -> Iterator[str]:
+    # A fresh nginx per test: passive-health state (max_fails) must not leak between tests.
+    with running_nginx(balancer) as base:
+        yield base
+
+
+def chat(model: str, *, max_tokens: int = 4, stream: bool = False) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello fleet"}],
+            "max_tokens": max_tokens, "stream": stream}
+
+
+def upstreams_since(balancer: RenderedBalancer, offset: int) -> list[tuple[str, str]]:
+    """(upstream addresses, upstream statuses) of each request logged after `offset`."""
+    lines = access_log(balancer)[offset:].splitlines()
+    return [(m.group(1), m.group(2)) for line in lines
+            if (m := re.search(r'ua="([^"]*)" us="([^"]*)"', line))]
+
+
+def log_size(balancer: RenderedBalancer) -> int:
+    path = balancer.prefix / "log" / "access.log"
+    return len(path.read_text()) if path.exists() else 0
+
+
+def port_of(boards: dict[str, Board], address: str) -> str:
+    return next(name for name, b in boards.items() if address == f"127.0.0.1:{b.port}")
+
+
+@contextmanager
+def busy(board: Board, model: str) -> Iterator[None]:
+    """Occupy `model` on `board` directly (not through nginx) until the block ends."""
+    url = f"http://127.0.0.1:{board.port}/v1/chat/completions"
+    with httpx.Client(timeout=30) as client, client.stream(
+        "POST", url, json=chat(model, max_tokens=2000, stream=True),
+    ) as response:
+        assert response.status_code == 200
+        events = response.iter_lines()  # kept referenced: dropping the iterator closes the stream
+        next(events)  # the request holds the model once its first event arrived
+        yield
+    # closing the stream aborts the generation; wait until the board takes requests again
+    deadline = time.monotonic() + 10
+    while httpx.post(url, json=chat(model, max_tokens=1), timeout=10).status_code == 503:
+        assert time.monotonic() < deadline, f"{board.name} stayed busy"
+        time.sleep(0.02)
+
+
+def test_rendered_config_is_valid_and_complete(balancer: RenderedBalancer) -> None:
+    checked = nginx_check(balancer.conf)
+    assert checked.returncode == 0, checked.stderr
+    conf = balancer.conf.read_text()
+    for directive in ("least_conn;", "proxy_buffering off;", "gzip off;", 'proxy_set_header Connection "";',
+                      "proxy_next_upstream error http_503 non_idempotent;",
+                      "error_page 502 504 =503 @rkllm_busy;"):
+        assert directive in conf
+    declared = re.search(r"const routes = (\{.*\});", balancer.js.read_text())
+    assert declared is not None
+    routes = json.loads(declared.group(1))
+    # alpha is on every board and uses the shared upstream; the others get their own.
+    assert set(routes) == {"beta", "delta", "gamma"}
+
+
+def test_healthz_is_answered_by_nginx(lb: str) -> None:
+    response = httpx.get(f"{lb}/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_stream_passes_through_unbuffered(lb: str) -> None:
+    arrivals: list[float] = []
+    start = time.monotonic()
+    with httpx.stream("POST", f"{lb}/v1/chat/completions", json=chat("alpha", max_tokens=25, stream=True),
+                      timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        arrivals = [time.monotonic() - start for line in response.iter_lines() if line.startswith("data:")]
+    # 25 tokens at 50 tok/s take ~0.5 s: buffered, every event would arrive at the end together.
+    assert len(arrivals) >= 25
+    assert arrivals[-1] - arrivals[1] > 0.3
+    assert arrivals[1] < arrivals[-1] / 2
+
+
+def test_busy_board_503_is_retried_on_another_board(lb: str, boards: dict[str, Board],
+                                                     balancer: RenderedBalancer) -> None:
+    offset = log_size(balancer)
+    with busy(boards["b1"], "alpha"):
+        statuses = [httpx.post(f"{lb}/v1/chat/completions", json=chat("alpha"), timeout=30).status_code
+                    for _ in range(6)]
+    assert statuses == [200] * 6
+    logged = upstreams_since(balancer, offset)
+    retried = [(ua, us) for ua, us in logged if us == "503, 200"]
+    assert retried, logged
+    assert all(port_of(boards, ua.split(", ")[0]) == "b1" for ua, _ in retried)
+
+
+def test_every_board_full_gives_503_with_retry_after_not_502(lb: str, boards: dict[str, Board]) -> None:
+    with ExitStack() as stack:
+        for board in boards.values():
+            stack.enter_context(busy(board, "alpha"))
+        for _ in range(4):
+            response = httpx.post(f"{lb}/v1/chat/completions", json=chat("alpha"), timeout=30)
+            assert response.status_code == 503
+            assert int(response.headers["retry-after"]) >= 1
+            assert "error" in response.json()
+
+
+def test_no_live_board_gives_503_json_with_retry_after(tmp_path: Path) -> None:
+    nobody = [Board(name=f"gone{i}", port=free_port(), models=["alpha"]) for i in range(2)]
+    with running_nginx(render_balancer(tmp_path, nobody)) as base:
+        for path, shape in (("/v1/chat/completions", dict), ("/api/chat", str)):
+            for _ in range(4):  # first refused connections, then "no live upstreams"
+                response = httpx.post(f"{base}{path}", json=chat("alpha"), timeout=30)
+                assert response.status_code == 503
+                assert response.headers["retry-after"] == "2"
+                assert isinstance(response.json()["error"], shape)
+
+
+@pytest.mark.parametrize(("model", "allowed"), [
+    ("beta", {"b1"}), ("delta", {"b1", "b2"}), ("gamma", {"b3"}), ("alpha", {"b1", "b2", "b3"}),
+])
+def test_model_goes_only_to_boards_hosting_it(lb: str, boards: dict[str, Board], balancer: RenderedBalancer,
+                                              model: str, allowed: set[str]) -> None:
+    offset = log_size(balancer)
+    for _ in range(6):
+        response = httpx.post(f"{lb}/v1/chat/completions", json=chat(model), timeout=30)
+        assert response.status_code == 200
+        assert response.json()["model"] == model
+    used = {port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)}
+    assert used == allowed
+
+
+def test_auto_and_unknown_models_go_to_the_whole_fleet(lb: str, boards: dict[str, Board],
+                                                       balancer: RenderedBalancer) -> None:
+    offset = log_size(balancer)
+    unknown = httpx.post(f"{lb}/v1/chat/completions", json=chat("no-such-model"), timeout=30)
+    assert unknown.status_code == 404  # the board's own answer, in the API's shape
+    assert "error" in unknown.json()
+    for _ in range(3):
+        assert httpx.get(f"{lb}/v1/models", timeout=30).status_code == 200
+    used = {port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)}
+    assert used == {"b1", "b2", "b3"}
+
+
+def test_drained_board_receives_nothing(drained_balancer: RenderedBalancer, boards: dict[str, Board]) -> None:
+    with running_nginx(drained_balancer) as base:
+        offset = log_size(drained_balancer)
+        for model in ("alpha", "delta") * 4:
+            assert httpx.post(f"{base}/v1/chat/completions", json=chat(model), timeout=30).status_code == 200
+        used = {port_of(boards, ua) for ua, _ in upstreams_since(drained_balancer, offset)}
+    assert used == {"b1", "b3"}
