@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rkllm_runtime import abi
 from rkllm_runtime.errors import EngineClosedError, HandleBusyError, InitError, RkllmError, RunError
@@ -197,7 +196,7 @@ class Engine:
         return self._params
 
     # --- runtime callback (any thread) ----------------------------------------------------------
-    def _on_result(self, result: Any, userdata: int | None, state: int) -> int:
+    def _on_result(self, result: ctypes._Pointer[abi.RKLLMResult], userdata: int | None, state: int) -> int:
         run = self._runs.get(userdata or 0)
         if run is None:
             # Nobody to deliver to: generating further would only waste the NPU.
@@ -252,15 +251,17 @@ class Engine:
         return FinishEvent(perf=run.perf or run.fallback_perf(), finish_reason=run.stop_reason or "stop")
 
     async def _stop_and_wait(self, run: RequestRun) -> None:
-        self._stop_run(run, "abort")
-        await _wait_even_if_cancelled(run.returned)
-
-    def _stop_run(self, run: RequestRun, reason: FinishReason) -> None:
         with self._state_lock:
-            run.request_stop(reason)
+            run.request_stop("abort")
+            if not run.started:
+                # Still queued behind another run: claim it so the worker skips it, and return
+                # now instead of waiting for the run ahead of it.
+                run.started = True
+                return
             if self._active is run and self._handle is not None:
                 # Stops prefill too; the callback's return 1 only acts at the next token.
                 self._library.abort(self._handle)
+        await _wait_even_if_cancelled(run.returned)
 
     def _run_on_worker(self, key: int, run: RequestRun) -> None:
         status: int | None = None
@@ -268,7 +269,8 @@ class Engine:
         try:
             with self._handle_lock:
                 with self._state_lock:
-                    skip = run.stop_reason is not None or self._handle is None
+                    skip = run.started or run.stop_reason is not None or self._handle is None
+                    run.started = True
                     if not skip:
                         self._active = run
                 if skip:
@@ -291,9 +293,9 @@ class Engine:
     def abort(self) -> None:
         """Abort the generation currently running on the handle (its finish_reason is "abort")."""
         with self._state_lock:
-            active = self._active
-        if active is not None:
-            self._stop_run(active, "abort")
+            if self._active is not None and self._handle is not None:
+                self._active.request_stop("abort")
+                self._library.abort(self._handle)
 
     # --- control calls --------------------------------------------------------------------------
     def _control(self, what: str, call: Callable[[int], int]) -> None:

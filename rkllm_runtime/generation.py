@@ -103,6 +103,9 @@ class RequestRun:
         self.callback_error: BaseException | None = None
         self.perf: PerfStats | None = None
         self.outcome: RunOutcome | None = None
+        # Set under the engine's state lock by whoever claims the run first: the worker starting
+        # it, or a consumer giving up on it while it is still queued.
+        self.started = False
         self._handoff_lock = threading.Lock()
         self._handoff: deque[TokenEvent | RunOutcome] = deque()
         self._wakeup_pending = False

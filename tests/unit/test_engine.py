@@ -270,6 +270,24 @@ async def test_cancelling_the_consumer_aborts_and_releases_the_handle(open_engin
     assert log_lines(double_log, "VIOLATION") == []
 
 
+async def test_cancelling_a_queued_request_does_not_wait_for_the_run_ahead(
+    open_engine, double_log: Path
+) -> None:
+    engine = open_engine({"reply_tokens": 40, "decode_tokens_per_second": 50})  # ~0.8 s per run
+    running = engine.generate(GenerationRequest(prompt="ahead"))
+    await anext(running)
+    queued = asyncio.create_task(collect(engine, GenerationRequest(prompt="queued")))
+    await asyncio.sleep(0)  # let it enter the engine's queue
+    start = time.monotonic()
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert time.monotonic() - start < 0.3
+    rest = [event async for event in running]
+    assert isinstance(rest[-1], FinishEvent) and rest[-1].finish_reason == "stop"
+    assert len(log_lines(double_log, "RUN")) == 1  # the cancelled request never reached the runtime
+
+
 async def test_closing_the_iterator_early_aborts_the_run(open_engine, double_log: Path) -> None:
     engine = open_engine({"reply_tokens": 1000, "decode_tokens_per_second": 20})
     start = time.monotonic()
