@@ -188,7 +188,7 @@ class Host:
         """Halt systemd inside (SIGRTMIN+3), then make sure nothing of the container survives."""
         pid = self.pid1()
         if pid is not None:
-            signal_quietly(pid, signal.SIGRTMIN + 3)
+            self._request_halt(pid)
             try:
                 wait_until(lambda: not self.nspawn_pids() and not namespace_pids(self.spec.netns),
                            timeout=HALT_TIMEOUT[self.spec.arch], what=f"{self.name} to halt")
@@ -198,6 +198,19 @@ class Host:
         if self._nspawn is not None:
             self._nspawn.wait(timeout=10)
             self._nspawn = None
+
+    def _request_halt(self, pid: int) -> None:
+        """Ask systemd to halt via systemctl; SIGRTMIN+3 only when that fails.
+
+        qemu-user renumbers real-time signals, so the host's SIGRTMIN+3 is not a halt request to an
+        emulated (arm64) systemd; systemctl works the same on every arch.
+        """
+        try:
+            halted = self.exec(["systemctl", "--no-block", "halt"], check=False, timeout=30).returncode == 0
+        except (SimError, subprocess.TimeoutExpired):
+            halted = False
+        if not halted:
+            signal_quietly(pid, signal.SIGRTMIN + 3)
 
     def kill_leftovers(self) -> None:
         """SIGKILL every process in the netns and the nspawn itself (a killed nspawn leaves them)."""
