@@ -45,7 +45,6 @@ class MirrorSources:
 class PublishedFile:
     path: str
     sha256: str
-    size: int
 
 
 def model_name(model: Path) -> str:
@@ -63,7 +62,7 @@ def _publish(source: Path, root: Path, relative: str) -> PublishedFile:
     shutil.copyfile(source, target)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     (target.parent / f"{target.name}.sha256").write_text(f"{digest}  {target.name}\n")
-    return PublishedFile(relative, digest, target.stat().st_size)
+    return PublishedFile(relative, digest)
 
 
 def publish(sources: MirrorSources, root: Path) -> dict[str, PublishedFile]:

@@ -228,8 +228,7 @@ class Fleet:
         url = self.state.mirror_url
         lib, header = self.published["library"], self.published["header"]
         models: dict[str, Tree] = {
-            key.removeprefix("model:"): {"url": url + item.path, "sha256": item.sha256,
-                                         "size_bytes": item.size}
+            key.removeprefix("model:"): {"url": url + item.path, "sha256": item.sha256}
             for key, item in self.published.items() if key.startswith("model:")}
         board_vars: dict[str, Tree] = {
             "rknpu_driver_debugfs_dir": fixtures.DEBUGFS_DIR,
@@ -313,43 +312,50 @@ def down(prefix: str | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python3 -m tests.fleet.sim", description=__doc__)
-    parser.add_argument("--prefix", help="name prefix (default derived from the checkout path)")
+    # --prefix is accepted before or after the subcommand (`--prefix X up` and `up --prefix X`).
+    prefix_option = argparse.ArgumentParser(add_help=False)
+    prefix_option.add_argument("--prefix", default=argparse.SUPPRESS,
+                               help="name prefix (default derived from the checkout path)")
+    parser = argparse.ArgumentParser(prog="python3 -m tests.fleet.sim", description=__doc__,
+                                     parents=[prefix_option])
     commands = parser.add_subparsers(dest="command", required=True)
-    up_cmd = commands.add_parser("up", help="build/reuse rootfs, boot the fleet, write the inventory")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, parents=[prefix_option])
+
+    up_cmd = command("up", "build/reuse rootfs, boot the fleet, write the inventory")
     up_cmd.add_argument("--arch", choices=rootfs.ARCHES, default="arm64")
     up_cmd.add_argument("--boards", type=int, default=3)
     up_cmd.add_argument("--inventory", type=Path, help="inventory dir (default inventory/sim)")
     up_cmd.add_argument("--board-driver", action="append", default=[], metavar="bN=VERSION")
     up_cmd.add_argument("--board-ram", action="append", default=[], metavar="bN=MIB")
-    commands.add_parser("down", help="remove everything of this prefix")
-    commands.add_parser("status", help="list hosts, addresses, state")
+    command("down", "remove everything of this prefix")
+    command("status", "list hosts, addresses, state")
     for verb in ("restart-board", "stop-board", "start-board"):
-        commands.add_parser(verb, help=f"{verb.split('-')[0]} one host").add_argument("name")
-    build = commands.add_parser("build", help="only build (or reuse) the rootfs images")
+        command(verb, f"{verb.split('-')[0]} one host (board1.., balancer1)").add_argument("name")
+    build = command("build", "only build (or reuse) the rootfs images")
     build.add_argument("--arch", choices=rootfs.ARCHES, default="arm64")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.prefix:
-        os.environ["RKLLM_FLEET_PREFIX"] = args.prefix
+    prefix: str | None = getattr(args, "prefix", None)
     try:
         if args.command == "up":
             start = time.monotonic()
-            fleet = Fleet.up(arch=args.arch, boards=args.boards, prefix=args.prefix,
+            fleet = Fleet.up(arch=args.arch, boards=args.boards, prefix=prefix,
                              inventory_dir=args.inventory, board_driver=args.board_driver,
                              board_ram=args.board_ram)
             print("\n".join(fleet.status_lines()))
             print(f"fleet up in {time.monotonic() - start:.1f}s")
         elif args.command == "down":
-            down(args.prefix)
+            down(prefix)
         elif args.command == "build":
             rootfs.layered_image(args.arch, "board")
             rootfs.layered_image(BALANCER_ARCH, "balancer")
         else:
-            fleet = Fleet.attach(args.prefix)
+            fleet = Fleet.attach(prefix)
             if args.command == "status":
                 print("\n".join(fleet.status_lines()))
             elif args.command == "restart-board":
