@@ -558,7 +558,8 @@ static bool params_valid(const RKLLMParam *p)
     CHECK(x->enabled_cpus_mask != 0 && x->enabled_cpus_mask <= 0xFF,
           "rkllm_init: extend_param.enabled_cpus_mask=0x%x must select CPUs among CPU0..CPU7",
           (unsigned)x->enabled_cpus_mask);
-    CHECK(x->enabled_cpus_num >= 1 && x->enabled_cpus_num <= __builtin_popcount(x->enabled_cpus_mask & 0xFF),
+    CHECK(x->enabled_cpus_mask == 0 ||
+              (x->enabled_cpus_num >= 1 && x->enabled_cpus_num <= __builtin_popcount(x->enabled_cpus_mask & 0xFF)),
           "rkllm_init: extend_param.enabled_cpus_num=%d but enabled_cpus_mask=0x%x selects %d CPUs",
           x->enabled_cpus_num, (unsigned)x->enabled_cpus_mask, __builtin_popcount(x->enabled_cpus_mask & 0xFF));
     CHECK(x->n_batch == 1, "rkllm_init: extend_param.n_batch=%d; the test double supports only 1",
@@ -733,7 +734,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     fprintf(stderr, "I rkllm: rkllm-runtime version: 1.2.3 (test double), rknpu driver version: 0.9.8, "
                     "platform: RK3588\n");
     if (!params_valid(param))
-        return init_failed(param->model_path, "invalid RKLLMParam (see VIOLATION lines)");
+        return init_failed(param->model_path, "invalid RKLLMParam (each bad field is reported above)");
 
     char err[ERR_LEN];
     model_spec model = {0};
