@@ -1,0 +1,5 @@
+import sys
+
+from rkllm_runtime.cli import main
+
+sys.exit(main())

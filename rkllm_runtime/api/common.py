@@ -1,0 +1,318 @@
+"""What the OpenAI and Ollama routes share: body parsing, model routing, admission, output assembly."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from rkllm_runtime.api.errors import ApiError, bad_request
+from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call
+from rkllm_runtime.config import ModelConfig, ServerConfig
+from rkllm_runtime.engine import FinishEvent, TokenEvent
+from rkllm_runtime.errors import RunError
+from rkllm_runtime.registry import ModelUnavailableError
+from rkllm_runtime.scheduler import (
+    ContextOverflowError,
+    Job,
+    QueueFullError,
+    Scheduler,
+    Started,
+    check_context,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+AUTO_MODEL = "auto"
+CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned
+
+
+def scheduler_of(request: Request) -> Scheduler:
+    scheduler: Scheduler = request.app.state.scheduler
+    return scheduler
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors."""
+    limit = scheduler_of(request).config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it if the client goes away first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(CLIENT_CLOSED, "client closed the request")
+    return task.result()
+
+
+def resolve_model(
+    config: ServerConfig, requested: str, wants_reasoning: bool | None, text: str
+) -> ModelConfig:
+    """The configured model a request names; "auto" picks the quick or the reasoning model."""
+    name = requested
+    if requested == AUTO_MODEL:
+        rules = config.routing
+        if wants_reasoning is None:
+            lowered = text.lower()
+            wants_reasoning = any(k.lower() in lowered for k in rules.reasoning_keywords) or (
+                rules.reasoning_min_chars > 0 and len(text) >= rules.reasoning_min_chars
+            )
+        name = rules.reasoning if wants_reasoning else rules.quick
+    model = config.model(name)
+    if model is None:
+        known = ", ".join([AUTO_MODEL, *(m.name for m in config.models)])
+        raise ApiError(
+            404,
+            f"model {requested!r} not found; this server has: {known}",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def check_sampling(model: ModelConfig, requested: Mapping[str, float | int | None]) -> None:
+    """RKLLM fixes sampling at rkllm_init: accept a value only if it is the model's configured one."""
+    for name, value in requested.items():
+        if value is None:
+            continue
+        configured = getattr(model, name)
+        if not math.isclose(float(value), float(configured), rel_tol=1e-6, abs_tol=1e-6):
+            raise bad_request(
+                f"{name}={value} is not available: the NPU runtime fixes sampling when the model is "
+                f"loaded, and model {model.name} runs with {name}={configured}. Omit {name}, send "
+                f"{configured}, or change it in the server configuration.",
+                param=name,
+                code="unsupported_value",
+            )
+
+
+def reject_unsupported(fields: Mapping[str, tuple[object, object]]) -> None:
+    """fields: name -> (value sent, the value meaning "not used"); anything else is a clear 400."""
+    for name, (value, neutral) in fields.items():
+        if value is not None and value != neutral:
+            raise bad_request(
+                f"{name}={value!r} is not supported by this server", param=name, code="unsupported_parameter"
+            )
+
+
+@dataclass
+class Generation:
+    """An admitted request whose turn has come: Started was consumed, tokens follow."""
+
+    model: str
+    cached_tokens: int
+    load_seconds: float
+    prompt_estimate: int
+    events: AsyncIterator[Started | TokenEvent | FinishEvent]
+
+    async def aclose(self) -> None:
+        await self.events.aclose()  # type: ignore[attr-defined]
+
+
+async def start_generation(request: Request, model: ModelConfig, job: Job) -> Generation:
+    """Refuse (400/503) before any work, then wait for the turn and the handle."""
+    scheduler = scheduler_of(request)
+    try:
+        estimate = check_context(model, job.prompt)
+        ticket = scheduler.admit(model.name)
+    except ContextOverflowError as exc:
+        raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
+    except QueueFullError as exc:
+        raise ApiError(503, str(exc), code="queue_full", retry_after=exc.retry_after) from exc
+    events = scheduler.generate(ticket, model.name, job)
+    try:
+        started = await until_disconnect(request, anext(events))
+    except ModelUnavailableError as exc:
+        await events.aclose()
+        scheduler.metrics.rejected.labels(model.name, "model_unavailable").inc()
+        raise ApiError(503, str(exc), code="model_unavailable", retry_after=5) from exc
+    except BaseException:
+        await events.aclose()
+        raise
+    assert isinstance(started, Started)
+    return Generation(model.name, started.cached_tokens, started.load_seconds, estimate, events)
+
+
+@dataclass
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+@dataclass
+class Outcome:
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    generate_seconds: float
+
+
+class OutputAssembler:
+    """Stop sequences, then <think> and <tool_call> splitting, over the raw token text."""
+
+    def __init__(self, separate_thinking: bool, parse_tool_calls: bool, stops: Sequence[str]) -> None:
+        self._stop = StopMatcher(stops)
+        self._parser = OutputParser(separate_thinking, parse_tool_calls)
+        self._call_ids = (f"call_{uuid.uuid4().hex[:8]}_{i}" for i in itertools.count())
+        self.tool_calls = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.stopped
+
+    def feed(self, text: str) -> Delta:
+        return self._delta(self._parser.feed(self._stop.feed(text)))
+
+    def close(self) -> Delta:
+        return self._delta(self._parser.feed(self._stop.close()) + self._parser.close())
+
+    def _delta(self, pieces: list[tuple[str, str]]) -> Delta:
+        delta = Delta()
+        for channel, text in pieces:
+            if channel == "reasoning":
+                delta.reasoning += text
+            elif channel == "content":
+                delta.content += text
+            else:
+                call = parse_tool_call(text, next(self._call_ids))
+                if call is None:
+                    delta.content += f"<tool_call>{text}</tool_call>"
+                else:
+                    delta.tool_calls.append(call)
+                    self.tool_calls += 1
+        return delta
+
+
+async def run_generation(generation: Generation, output: OutputAssembler) -> AsyncIterator[Delta | Outcome]:
+    """Deltas as tokens arrive, then one Outcome; a stop sequence aborts the run at once."""
+    tokens = 0
+    finish: FinishEvent | None = None
+    async with aclosing(generation.events) as events:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                tokens += 1
+                delta = output.feed(event.text)
+                if delta:
+                    yield delta
+                if output.stopped:
+                    break
+            elif isinstance(event, FinishEvent):
+                finish = event
+    tail = output.close()
+    if tail:
+        yield tail
+    if finish is not None and not output.stopped:
+        perf = finish.perf
+        reason = "length" if finish.finish_reason == "length" else "stop"
+        prompt = generation.cached_tokens + perf.prefill_tokens
+        completion = perf.generate_tokens or tokens
+        prefill_s, generate_s = perf.prefill_ms / 1000, perf.generate_ms / 1000
+    else:
+        reason, prompt, completion, prefill_s, generate_s = (
+            "stop",
+            generation.prompt_estimate,
+            tokens,
+            0.0,
+            0.0,
+        )
+    if output.tool_calls:
+        reason = "tool_calls"
+    yield Outcome(reason, prompt, generation.cached_tokens, completion, prefill_s, generate_s)
+
+
+async def collect(generation: Generation, output: OutputAssembler) -> tuple[Delta, Outcome]:
+    """The whole answer, for non-streaming responses."""
+    total = Delta()
+    try:
+        async with aclosing(run_generation(generation, output)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    return total, item
+                total.content += item.content
+                total.reasoning += item.reasoning
+                total.tool_calls.extend(item.tool_calls)
+    except RunError as exc:
+        raise run_error(exc) from exc
+    raise AssertionError("run_generation ends with an Outcome")
+
+
+def run_error(exc: RunError) -> ApiError:
+    return ApiError(500, f"the NPU runtime failed during generation: {exc}", code="run_error")
+
+
+class GuardedStream(StreamingResponse):
+    """A streaming response that always closes its generation, even if streaming never started."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        generation: Generation,
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._generation = generation
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._content.aclose()  # type: ignore[attr-defined]
+            await self._generation.aclose()
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,342 @@
+"""Ollama-compatible routes: version, tags, ps, show, generate, chat (NDJSON streams, durations in ns)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from rkllm_runtime.api.common import (
+    Delta,
+    Generation,
+    GuardedStream,
+    Outcome,
+    OutputAssembler,
+    check_sampling,
+    collect,
+    dumps,
+    read_json,
+    reject_unsupported,
+    resolve_model,
+    run_error,
+    run_generation,
+    scheduler_of,
+    start_generation,
+    until_disconnect,
+)
+from rkllm_runtime.api.errors import bad_request
+from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.config import ModelConfig, ServerConfig
+from rkllm_runtime.errors import RunError
+from rkllm_runtime.scheduler import Job
+
+router = APIRouter(prefix="/api")
+
+NS = 1_000_000_000
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Options(_Request):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_predict: int | None = None
+    num_ctx: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCallIn(_Request):
+    function: FunctionCallIn
+
+
+class ChatMessageIn(_Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+
+class _Generation(_Request):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: Options = Field(default_factory=Options)
+    format: str | dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+
+    def wants_reasoning(self) -> bool | None:
+        if self.think is None:
+            return None
+        return self.think not in (False, "false", "low")
+
+    def check(self, model: ModelConfig) -> None:
+        options = self.options
+        reject_unsupported({"format": (self.format, ""), "options.seed": (options.seed, None)})
+        check_sampling(
+            model, {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k}
+        )
+        if options.num_ctx is not None and options.num_ctx > model.context_length:
+            raise bad_request(
+                f"options.num_ctx={options.num_ctx} exceeds model {model.name}'s context of "
+                f"{model.context_length} tokens (fixed when the model was converted and loaded)"
+            )
+
+    def max_tokens(self) -> int | None:
+        predict = self.options.num_predict
+        return predict if predict is not None and predict > 0 else None
+
+
+class GenerateRequest(_Generation):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessageIn] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class ShowRequest(_Request):
+    model: str | None = None
+    name: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details(model: ModelConfig) -> dict[str, Any]:
+    family = "qwen2"
+    return {
+        "parent_model": "",
+        "format": "rkllm",
+        "family": family,
+        "families": [family],
+        "parameter_size": "",
+        "quantization_level": "W8A8",
+    }
+
+
+def _file_facts(model: ModelConfig) -> tuple[int, str]:
+    try:
+        stat = Path(model.path).stat()
+    except OSError:
+        return 0, _now()
+    return stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _model_entry(model: ModelConfig) -> dict[str, Any]:
+    size, modified = _file_facts(model)
+    return {
+        "name": model.name,
+        "model": model.name,
+        "modified_at": modified,
+        "size": size,
+        "digest": model.sha256,
+        "details": _details(model),
+    }
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": metadata.version("rkllm-runtime")}
+
+
+@router.get("/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    return {"models": [_model_entry(m) for m in scheduler_of(request).config.models]}
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    scheduler = scheduler_of(request)
+    entries = []
+    for loaded in scheduler.registry.loaded():
+        entry = _model_entry(loaded.config)
+        entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=loaded.config.memory_mb << 20)
+        entries.append(entry)
+    return {"models": entries}
+
+
+@router.post("/show")
+async def show(request: Request) -> dict[str, Any]:
+    body = await read_json(request, ShowRequest)
+    config = scheduler_of(request).config
+    model = resolve_model(config, body.model or body.name or "", None, "")
+    capabilities = ["completion", "tools"] + (["thinking"] if model.kind == "reasoning" else [])
+    parameters = "\n".join(
+        f"{k} {getattr(model, k)}" for k in ("temperature", "top_p", "top_k", "repeat_penalty")
+    )
+    return {
+        "modelfile": f"FROM {model.path}\n",
+        "parameters": parameters,
+        "template": model.template,
+        "details": _details(model),
+        "capabilities": capabilities,
+        "model_info": {"general.architecture": "rkllm", "rkllm.context_length": model.context_length},
+    }
+
+
+@router.post("/generate", response_model=None)
+async def generate(request: Request) -> Response:
+    body = await read_json(request, GenerateRequest)
+    scheduler = scheduler_of(request)
+    config = scheduler.config
+    model = resolve_model(config, body.model, body.wants_reasoning(), body.prompt)
+    body.check(model)
+    reject_unsupported(
+        {
+            "images": (body.images, []),
+            "suffix": (body.suffix, ""),
+            "template": (body.template, ""),
+            "context": (body.context, []),
+        }
+    )
+    if not body.prompt:
+        return JSONResponse(await _load_or_unload(scheduler.registry, model, body.keep_alive))
+    messages = [Message("system", body.system)] if body.system else []
+    messages.append(Message("user", body.prompt))
+    prompt = body.prompt if body.raw else config.template_for(model).render(messages, model.system_prompt)
+    job = Job(prompt=prompt, max_tokens=body.max_tokens(), arrived=time.monotonic())
+    return await _respond(request, config, job, model, body, tools=False, chat=False)
+
+
+@router.post("/chat", response_model=None)
+async def chat(request: Request) -> Response:
+    body = await read_json(request, ChatRequest)
+    scheduler = scheduler_of(request)
+    config = scheduler.config
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    model = resolve_model(config, body.model, body.wants_reasoning(), last_user)
+    body.check(model)
+    if not messages:
+        return JSONResponse(await _load_or_unload(scheduler.registry, model, body.keep_alive, chat=True))
+    tools = tools_json(body.tools) if body.tools else ""
+    job = Job(
+        prompt=config.template_for(model).render(messages, model.system_prompt),
+        max_tokens=body.max_tokens(),
+        tools_json=tools,
+        role="tool" if messages[-1].role == "tool" else "user",
+        arrived=time.monotonic(),
+    )
+    return await _respond(request, config, job, model, body, tools=bool(tools), chat=True)
+
+
+def _message(message: ChatMessageIn, index: int) -> Message:
+    if message.images:
+        raise bad_request(
+            f"messages.{index}.images: images are not supported by this server", param="messages"
+        )
+    calls = tuple(
+        ToolCall(f"call_{index}_{i}", c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
+        for i, c in enumerate(message.tool_calls or [])
+    )
+    return Message(message.role, message.content, calls)
+
+
+async def _load_or_unload(
+    registry: Any, model: ModelConfig, keep_alive: float | str | None, chat: bool = False
+) -> dict[str, Any]:
+    """Ollama's convention: an empty prompt loads the model, with keep_alive 0 it unloads it."""
+    if keep_alive in (0, "0", "0s", "0m"):
+        await registry.unload(model.name)
+        reason = "unload"
+    else:
+        await registry.ensure(model.name)
+        reason = "load"
+    body: dict[str, Any] = {"model": model.name, "created_at": _now(), "done": True, "done_reason": reason}
+    if chat:
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return body
+
+
+async def _respond(
+    request: Request,
+    config: ServerConfig,
+    job: Job,
+    model: ModelConfig,
+    body: _Generation,
+    tools: bool,
+    chat: bool,
+) -> Response:
+    separate = config.think == "separate" and not (body.think is False and model.kind != "reasoning")
+    output = OutputAssembler(separate, tools, body.options.stop or [])
+    generation = await start_generation(request, model, job)
+    if body.stream:
+        lines = _ndjson(generation, output, job, chat)
+        return GuardedStream(lines, generation, media_type="application/x-ndjson")
+    total, outcome = await until_disconnect(request, collect(generation, output))
+    return JSONResponse(_final(generation, outcome, job, chat, total))
+
+
+def _piece(model: str, delta: Delta, chat: bool) -> dict[str, Any]:
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": delta.content}
+        if delta.reasoning:
+            message["thinking"] = delta.reasoning
+        if delta.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in delta.tool_calls
+            ]
+        return {"model": model, "created_at": _now(), "message": message, "done": False}
+    piece: dict[str, Any] = {"model": model, "created_at": _now(), "response": delta.content, "done": False}
+    if delta.reasoning:
+        piece["thinking"] = delta.reasoning
+    return piece
+
+
+def _final(
+    generation: Generation, outcome: Outcome, job: Job, chat: bool, total: Delta | None = None
+) -> dict[str, Any]:
+    body = _piece(generation.model, total or Delta(), chat)
+    body.update(
+        done=True,
+        done_reason="length" if outcome.finish_reason == "length" else "stop",
+        total_duration=int((time.monotonic() - job.arrived) * NS),
+        load_duration=int(generation.load_seconds * NS),
+        prompt_eval_count=outcome.prompt_tokens - outcome.cached_tokens,
+        prompt_eval_duration=int(outcome.prefill_seconds * NS),
+        eval_count=outcome.completion_tokens,
+        eval_duration=int(outcome.generate_seconds * NS),
+    )
+    return body
+
+
+async def _ndjson(
+    generation: Generation, output: OutputAssembler, job: Job, chat: bool
+) -> AsyncIterator[bytes]:
+    try:
+        async with aclosing(run_generation(generation, output)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    yield (dumps(_final(generation, item, job, chat)) + "\n").encode()
+                else:
+                    yield (dumps(_piece(generation.model, item, chat)) + "\n").encode()
+    except RunError as exc:
+        yield (dumps({"error": run_error(exc).message}) + "\n").encode()

@@ -1,0 +1,399 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Sampling (temperature, top_p, top_k) is fixed when RKLLM loads a model, so a request may send the
+model's configured value (or omit it) and any other value gets a 400 naming the configured one.
+Re-initialising per request would cost seconds of NPU load time, drop every conversation's KV cache
+and let one client change sampling for all others queued behind it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from rkllm_runtime.api.common import (
+    Delta,
+    Generation,
+    GuardedStream,
+    Outcome,
+    OutputAssembler,
+    check_sampling,
+    collect,
+    dumps,
+    read_json,
+    reject_unsupported,
+    resolve_model,
+    run_error,
+    run_generation,
+    scheduler_of,
+    start_generation,
+    until_disconnect,
+)
+from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
+from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.config import ModelConfig
+from rkllm_runtime.errors import RunError
+from rkllm_runtime.scheduler import Job
+
+router = APIRouter(prefix="/v1")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Request):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessageIn(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ToolSpec(_Request):
+    type: Literal["function"]
+    function: dict[str, Any]
+
+
+class _Generation(_Request):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise bad_request("stop: at most 4 sequences", param="stop")
+        return [s for s in stops if s]
+
+    def check(self, model: ModelConfig) -> None:
+        reject_unsupported(
+            {
+                "n": (self.n, 1),
+                "logprobs": (self.logprobs, False),
+                "logit_bias": (self.logit_bias, {}),
+                "seed": (self.seed, None),
+                "presence_penalty": (self.presence_penalty, 0.0),
+                "frequency_penalty": (self.frequency_penalty, 0.0),
+            }
+        )
+        check_sampling(model, {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k})
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for legacy completions
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def _text(content: str | list[TextPart] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(
+                f"{where}: content parts of type {part.type!r} are not supported (text only)",
+                param="messages",
+            )
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def to_messages(messages: list[ChatMessageIn]) -> list[Message]:
+    converted = []
+    for index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or [])
+        converted.append(Message(role, _text(message.content, f"messages.{index}"), calls))
+    return converted
+
+
+def _completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _usage(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
+    }
+
+
+def _tool_calls(calls: list[ToolCall], first_index: int = 0) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": first_index + i,
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        }
+        for i, c in enumerate(calls)
+    ]
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    config = scheduler_of(request).config
+    created = int(time.time())
+    names = ["auto", *(m.name for m in config.models)]
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": created, "owned_by": "rkllm"} for n in names],
+    }
+
+
+@router.get("/models/{name}")
+async def get_model(request: Request, name: str) -> dict[str, Any]:
+    config = scheduler_of(request).config
+    if name != "auto" and config.model(name) is None:
+        raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    body = await read_json(request, ChatCompletionRequest)
+    config = scheduler_of(request).config
+    messages = to_messages(body.messages)
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    wants_reasoning = (
+        None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
+    )
+    model = resolve_model(config, body.model, wants_reasoning, last_user)
+    body.check(model)
+    reject_unsupported(
+        {
+            "top_logprobs": (body.top_logprobs, 0),
+            "audio": (body.audio, None),
+            "response_format": (
+                None if body.response_format in (None, {"type": "text"}) else body.response_format,
+                None,
+            ),
+        }
+    )
+    if body.tool_choice not in (None, "auto", "none"):
+        raise bad_request(
+            "tool_choice: only 'auto' and 'none' are supported", param="tool_choice", code="unsupported_value"
+        )
+    tools = (
+        tools_json([t.model_dump() for t in body.tools]) if body.tools and body.tool_choice != "none" else ""
+    )
+    prompt = config.template_for(model).render(messages, model.system_prompt)
+    job = Job(
+        prompt=prompt,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        tools_json=tools,
+        role="tool" if messages[-1].role == "tool" else "user",
+        arrived=time.monotonic(),
+    )
+    generation = await start_generation(request, model, job)
+    output = OutputAssembler(config.think == "separate", bool(tools), body.stops())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape())
+
+
+@router.post("/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    body = await read_json(request, CompletionRequest)
+    config = scheduler_of(request).config
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise bad_request("prompt: exactly one prompt per request is supported", param="prompt")
+    model = resolve_model(config, body.model, None, prompts[0])
+    body.check(model)
+    reject_unsupported(
+        {"echo": (body.echo, False), "suffix": (body.suffix, None), "best_of": (body.best_of, 1)}
+    )
+    if not prompts[0]:
+        raise bad_request("prompt: must not be empty", param="prompt")
+    job = Job(prompt=prompts[0], max_tokens=body.max_tokens, arrived=time.monotonic())
+    generation = await start_generation(request, model, job)
+    output = OutputAssembler(False, False, body.stops())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _respond(request, generation, output, body.stream, include_usage, _CompletionShape())
+
+
+class _ChatShape:
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def first_delta(self) -> dict[str, Any] | None:
+        return {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+
+    def choice_delta(self, delta: Delta, tool_index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if delta.content:
+            out["content"] = delta.content
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.tool_calls:
+            out["tool_calls"] = _tool_calls(delta.tool_calls, tool_index)
+        return {"index": 0, "delta": out, "logprobs": None, "finish_reason": None}
+
+    def final_delta(self, outcome: Outcome) -> dict[str, Any]:
+        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": outcome.finish_reason}
+
+    def whole(self, total: Delta, outcome: Outcome) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": total.content or None}
+        if total.reasoning:
+            message["reasoning_content"] = total.reasoning
+        if total.tool_calls:
+            message["tool_calls"] = [
+                {k: v for k, v in call.items() if k != "index"} for call in _tool_calls(total.tool_calls)
+            ]
+        elif message["content"] is None:
+            message["content"] = ""
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
+
+
+class _CompletionShape:
+    object = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def first_delta(self) -> dict[str, Any] | None:
+        return None
+
+    def choice_delta(self, delta: Delta, tool_index: int) -> dict[str, Any]:
+        return {"index": 0, "text": delta.reasoning + delta.content, "logprobs": None, "finish_reason": None}
+
+    def final_delta(self, outcome: Outcome) -> dict[str, Any]:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": outcome.finish_reason}
+
+    def whole(self, total: Delta, outcome: Outcome) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "text": total.reasoning + total.content,
+            "logprobs": None,
+            "finish_reason": outcome.finish_reason,
+        }
+
+
+Shape = _ChatShape | _CompletionShape
+
+
+async def _respond(
+    request: Request,
+    generation: Generation,
+    output: OutputAssembler,
+    stream: bool,
+    include_usage: bool,
+    shape: Shape,
+) -> Response:
+    completion_id = _completion_id(shape.id_prefix)
+    created = int(time.time())
+    if stream:
+        events = _sse(generation, output, shape, completion_id, created, include_usage)
+        return GuardedStream(
+            events,
+            generation,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    total, outcome = await until_disconnect(request, collect(generation, output))
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": shape.object,
+            "created": created,
+            "model": generation.model,
+            "choices": [shape.whole(total, outcome)],
+            "usage": _usage(outcome),
+        }
+    )
+
+
+async def _sse(
+    generation: Generation,
+    output: OutputAssembler,
+    shape: Shape,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    head = (
+        f'{{"id":"{completion_id}","object":"{shape.chunk_object}","created":{created},'
+        f'"model":{dumps(generation.model)},"choices":['
+    )
+
+    def chunk(choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
+        tail = "]" + (f',"usage":{dumps(usage)}' if usage is not None else "") + "}"
+        return f"data: {head}{dumps(choice) if choice else ''}{tail}\n\n".encode()
+
+    first = shape.first_delta()
+    if first is not None:
+        yield chunk(first)
+    tool_index = 0
+    try:
+        async with aclosing(run_generation(generation, output)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    yield chunk(shape.final_delta(item))
+                    if include_usage:
+                        yield chunk(None, _usage(item))
+                else:
+                    yield chunk(shape.choice_delta(item, tool_index))
+                    tool_index += len(item.tool_calls)
+    except RunError as exc:
+        yield sse_error_event(run_error(exc))
+        return
+    yield b"data: [DONE]\n\n"

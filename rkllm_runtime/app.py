@@ -1,0 +1,82 @@
+"""The FastAPI application of one node: OpenAI + Ollama routes, /health, /ready, /metrics.
+
+All state lives in the app (app.state.scheduler); two apps in one process share nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from rkllm_runtime.api import ollama, openai
+from rkllm_runtime.api.errors import EXCEPTION_HANDLERS
+from rkllm_runtime.config import ServerConfig
+from rkllm_runtime.engine import Engine, ModelParams
+from rkllm_runtime.library import load_library
+from rkllm_runtime.metrics import CONTENT_TYPE, Metrics
+from rkllm_runtime.registry import EngineFactory, ModelUnavailableError
+from rkllm_runtime.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def library_engine_factory(library_path: str) -> EngineFactory:
+    library = load_library(library_path)
+
+    def create(params: ModelParams) -> Engine:
+        return Engine(library, params)
+
+    return create
+
+
+def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
+    scheduler = Scheduler(config, engine_factory or library_engine_factory(config.library), Metrics(config))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            await scheduler.load_pinned()
+        except ModelUnavailableError as exc:
+            log.error("a pinned model failed to load (/ready will say so and retry): %s", exc)
+        yield
+        await scheduler.close()
+
+    app = FastAPI(
+        title="rkllm-runtime",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )
+    app.state.scheduler = scheduler
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Every pinned (and every loaded) model answers a one-token generation; failures re-init."""
+        names = {m.name for m in config.models if m.pinned} | {
+            m.config.name for m in scheduler.registry.loaded()
+        }
+        problems = {name: await scheduler.probe(name) for name in sorted(names)}
+        failed = {name: problem for name, problem in problems.items() if problem}
+        body = {
+            "status": "not ready" if failed else "ready",
+            "models": {name: problem or "ok" for name, problem in problems.items()},
+        }
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(scheduler.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

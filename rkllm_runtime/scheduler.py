@@ -1,0 +1,313 @@
+"""Per-model bounded FIFO queues in front of the handles, and conversation KV-cache reuse.
+
+A request first gets a Ticket (synchronously: a full queue is refused before any work is done),
+then waits for its turn; while it holds the turn it alone uses the model's handle. Every run keeps
+its history in the KV cache and the text in the cache is tracked exactly, so a request whose
+rendered conversation starts with that text only sends the new suffix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from rkllm_runtime.config import ModelConfig, ServerConfig
+from rkllm_runtime.engine import FinishEvent, GenerationRequest, TokenEvent
+from rkllm_runtime.errors import RkllmError, RunError
+from rkllm_runtime.metrics import Metrics
+from rkllm_runtime.registry import EngineFactory, LoadedModel, ModelRegistry
+
+PROBE_PROMPT = "ping"
+
+
+class QueueFullError(Exception):
+    def __init__(self, model: str, waiting: int, retry_after: int) -> None:
+        super().__init__(
+            f"model {model} is busy: {waiting} requests already waiting; retry in {retry_after} s"
+        )
+        self.retry_after = retry_after
+
+
+class ContextOverflowError(Exception):
+    def __init__(self, model: ModelConfig, prompt_tokens: int) -> None:
+        super().__init__(
+            f"the prompt is about {prompt_tokens} tokens but model {model.name} has a context of "
+            f"{model.context_length} tokens; shorten the conversation"
+        )
+
+
+def estimate_tokens(text: str, bytes_per_token: float) -> int:
+    return max(1, math.ceil(len(text.encode()) / bytes_per_token))
+
+
+def check_context(model: ModelConfig, prompt: str) -> int:
+    """Refuse, before any work, a prompt that cannot fit the context; returns its token estimate."""
+    tokens = estimate_tokens(prompt, model.bytes_per_token)
+    if tokens >= model.context_length:
+        raise ContextOverflowError(model, tokens)
+    return tokens
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str  # the whole rendered conversation (or raw completion prompt)
+    max_tokens: int | None = None
+    tools_json: str = ""
+    role: str = "user"
+    arrived: float = 0.0  # time.monotonic() when the request arrived
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    text: str  # what rkllm_run receives
+    reuse: bool  # continue the KV cache instead of clearing it
+    cached_tokens: int
+    max_tokens: int
+
+
+def plan_run(model: LoadedModel, job: Job, kv_tokens: int) -> RunPlan:
+    config = model.config
+    wanted = min(job.max_tokens or config.max_new_tokens, config.max_new_tokens)
+    cached = model.kv_text
+    if cached and job.prompt.startswith(cached) and len(job.prompt) > len(cached):
+        suffix = job.prompt[len(cached) :]
+        room = config.context_length - kv_tokens - estimate_tokens(suffix, config.bytes_per_token)
+        if room > 0:
+            return RunPlan(suffix, True, kv_tokens, min(wanted, room))
+    room = config.context_length - estimate_tokens(job.prompt, config.bytes_per_token)
+    return RunPlan(job.prompt, False, 0, max(1, min(wanted, room)))
+
+
+@dataclass(frozen=True)
+class Started:
+    """First event of a generation: which model serves it and how much of the prompt was cached."""
+
+    model: str
+    cached_tokens: int
+    queue_seconds: float
+    load_seconds: float  # 0 unless this request had to load the model
+
+
+class ModelQueue:
+    """One running request plus at most `capacity` waiting ones, served first come first served."""
+
+    def __init__(self, name: str, capacity: int, metrics: Metrics, retry_after_max: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self._metrics = metrics
+        self._retry_after_max = retry_after_max
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.busy = False
+        self._turn_seconds: deque[float] = deque(maxlen=16)
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self._waiters
+
+    def admit(self) -> Ticket:
+        if not self.busy:
+            self.busy = True
+            self._update_gauges()
+            return Ticket(self, None)
+        if len(self._waiters) >= self.capacity:
+            self._metrics.rejected.labels(self.name, "queue_full").inc()
+            raise QueueFullError(self.name, len(self._waiters), self._retry_after())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._update_gauges()
+        return Ticket(self, future)
+
+    def _retry_after(self) -> int:
+        typical = sum(self._turn_seconds) / len(self._turn_seconds) if self._turn_seconds else 1.0
+        return max(1, min(self._retry_after_max, math.ceil(typical * (len(self._waiters) + 1))))
+
+    def _withdraw(self, future: asyncio.Future[None]) -> None:
+        if future in self._waiters:
+            self._waiters.remove(future)
+            self._update_gauges()
+
+    def _pass_turn(self, held_seconds: float) -> None:
+        self._turn_seconds.append(held_seconds)
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                self._update_gauges()
+                return
+        self.busy = False
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self._metrics.waiting.labels(self.name).set(len(self._waiters))
+        self._metrics.running.labels(self.name).set(1 if self.busy else 0)
+
+
+class Ticket:
+    """A place in a model's queue; release() is idempotent and must always be called."""
+
+    def __init__(self, queue: ModelQueue, future: asyncio.Future[None] | None) -> None:
+        self._queue = queue
+        self._future = future
+        self._admitted = time.monotonic()
+        self._granted_at: float | None = time.monotonic() if future is None else None
+        self._released = False
+
+    async def wait(self) -> float:
+        """Wait for the turn; returns the seconds spent waiting."""
+        if self._future is not None and self._granted_at is None:
+            try:
+                await self._future
+            except asyncio.CancelledError:
+                if self._future.done() and not self._future.cancelled():
+                    self._granted_at = time.monotonic()
+                    self.release()
+                else:
+                    self._released = True
+                    self._queue._withdraw(self._future)
+                raise
+            self._granted_at = time.monotonic()
+        assert self._granted_at is not None
+        return self._granted_at - self._admitted
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._granted_at is None:
+            assert self._future is not None
+            self._future.cancel()
+            self._queue._withdraw(self._future)
+        else:
+            self._queue._pass_turn(time.monotonic() - self._granted_at)
+
+
+class Scheduler:
+    """Queues, handles and runs of one node."""
+
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._queues = {
+            m.name: ModelQueue(m.name, m.queue_size, metrics, config.retry_after_max_seconds)
+            for m in config.models
+        }
+        self.registry = ModelRegistry(config, engine_factory, metrics, lambda n: self._queues[n].idle)
+
+    def admit(self, model: str) -> Ticket:
+        return self._queues[model].admit()
+
+    def is_busy(self, model: str) -> bool:
+        return self._queues[model].busy
+
+    async def generate(
+        self, ticket: Ticket, model_name: str, job: Job
+    ) -> AsyncIterator[Started | TokenEvent | FinishEvent]:
+        """Wait for the turn, load the model, run; the turn is released when this generator ends."""
+        try:
+            queue_seconds = await ticket.wait()
+            self.metrics.queue_time.labels(model_name).observe(queue_seconds)
+            was_loaded = self.registry.get(model_name) is not None
+            model = await self.registry.ensure(model_name)
+            started = Started(model_name, 0, queue_seconds, 0.0 if was_loaded else model.load_seconds)
+            async with aclosing(self._run(model, job, started)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            ticket.release()
+
+    async def _run(
+        self, model: LoadedModel, job: Job, started: Started
+    ) -> AsyncIterator[Started | TokenEvent | FinishEvent]:
+        engine, name = model.engine, model.config.name
+        if job.tools_json != model.tools_json:
+            model.kv_text = ""  # the runtime's tool prompt changes what the cache means
+            engine.set_function_tools("", job.tools_json, "tool_response")
+            model.tools_json = job.tools_json
+        plan = plan_run(model, job, engine.kv_cache_size() if model.kv_text else 0)
+        if not plan.reuse:
+            engine.clear_kv_cache(False)
+        base = model.kv_text if plan.reuse else ""
+        model.kv_text = ""  # unknown until this run completes cleanly
+        yield dataclasses.replace(started, cached_tokens=plan.cached_tokens)
+        request = GenerationRequest(
+            prompt=plan.text, role=job.role, keep_history=True, max_tokens=plan.max_tokens
+        )
+        generated: list[str] = []
+        last = None
+        try:
+            async with aclosing(engine.generate(request)) as events:
+                async for event in events:
+                    now = time.monotonic()
+                    if isinstance(event, TokenEvent):
+                        if last is None:
+                            self.metrics.time_to_first_token.labels(name).observe(now - job.arrived)
+                        else:
+                            self.metrics.inter_token_latency.labels(name).observe(now - last)
+                        last = now
+                        generated.append(event.text)
+                    else:
+                        self._observe_finish(name, event, job)
+                        if event.finish_reason != "abort":
+                            model.kv_text = base + plan.text + "".join(generated)
+                    yield event
+        except RkllmError as exc:
+            # RUN_ERROR leaves the handle usable; anything else (closed, busy, failed call) does not.
+            model.poisoned = not isinstance(exc, RunError)
+            raise
+
+    def _observe_finish(self, name: str, event: FinishEvent, job: Job) -> None:
+        perf = event.perf
+        self.metrics.prompt_tokens.labels(name).inc(perf.prefill_tokens)
+        self.metrics.generation_tokens.labels(name).inc(perf.generate_tokens)
+        self.metrics.e2e_latency.labels(name).observe(time.monotonic() - job.arrived)
+        if perf.generate_ms > 0:
+            self.metrics.decode_rate.labels(name).observe(perf.decode_tokens_per_second)
+
+    async def probe(self, model_name: str) -> str | None:
+        """Exercise the runtime on an idle handle; re-initialise it once if it fails. None = healthy."""
+        queue = self._queues[model_name]
+        if queue.busy:
+            # It is generating right now; a poisoned handle is flagged by the run that found out.
+            model = self.registry.get(model_name)
+            return None if model is not None and not model.poisoned else f"{model_name}: handle failed"
+        problem = await self._probe_once(model_name, reload=False)
+        if problem is not None:
+            problem = await self._probe_once(model_name, reload=True)
+        return problem
+
+    async def _probe_once(self, model_name: str, reload: bool) -> str | None:
+        ticket = self.admit(model_name)
+        try:
+            await ticket.wait()
+            model = self.registry.get(model_name)
+            if reload or model is None or model.poisoned:
+                model = await (
+                    self.registry.reload(model_name) if model else self.registry.ensure(model_name)
+                )
+            model.kv_text = ""  # the probe runs single-turn and leaves the cache undefined
+            request = GenerationRequest(prompt=PROBE_PROMPT, keep_history=False, max_tokens=1)
+            async with aclosing(model.engine.generate(request)) as events:
+                async for _ in events:
+                    pass
+        except Exception as exc:  # any failure is the answer to "is this handle healthy?"
+            model = self.registry.get(model_name)
+            if model is not None:
+                model.poisoned = True
+            return f"{model_name}: {exc}"
+        finally:
+            ticket.release()
+        return None
+
+    async def load_pinned(self) -> None:
+        for model in self.config.models:
+            if model.pinned:
+                await self.registry.ensure(model.name)
+
+    async def close(self) -> None:
+        await self.registry.close()

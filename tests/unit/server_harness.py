@@ -1,0 +1,102 @@
+"""A real uvicorn server on 127.0.0.1 (random free port) over the real binding and the C double."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from rkllm_runtime.app import create_app
+from rkllm_runtime.config import parse_config
+from rkllm_runtime.scheduler import Scheduler
+
+QWEN = "Qwen2.5-1.5B-Instruct"
+R1 = "DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    scheduler: Scheduler
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def serve(library: Path, models: list[dict[str, Any]], **settings: Any) -> Iterator[RunningServer]:
+    config = parse_config({"library": str(library), "models": models, **settings})
+    app = create_app(config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive())
+        assert server.started, "server failed to start"
+        yield RunningServer(f"http://127.0.0.1:{port}", app.state.scheduler)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def log_lines(log: Path, kind: str) -> list[str]:
+    """Lines of the double's log that start with kind (INIT, RUN, FINISH, ABORT, VIOLATION)."""
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if line.startswith(kind)]
+
+
+def model_entry(
+    make_model: Callable[..., Path],
+    name: str = QWEN,
+    *,
+    kind: str = "quick",
+    template: str = "chatml",
+    config: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A [[models]] entry whose file is a fresh fake model (fields: fake model settings)."""
+    path = make_model(name.lower().replace(".", "_"), **fields)
+    return {"name": name, "path": str(path), "kind": kind, "template": template, **(config or {})}
+
+
+@pytest.fixture
+def start_server(double_library_path: Path, double_log: Path) -> Iterator[Callable[..., RunningServer]]:
+    """start_server([model entries], **settings) -> a running server; stopped after the test."""
+    stack = ExitStack()
+
+    def start(models: list[dict[str, Any]], **settings: Any) -> RunningServer:
+        return stack.enter_context(serve(double_library_path, models, **settings))
+
+    with stack:
+        yield start
