@@ -4,6 +4,7 @@
  * names. Exit status 0 only if every selected test passed.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <libgen.h>
@@ -800,6 +801,35 @@ static int test_parallel_handles(void)
     return 0;
 }
 
+/* Every shipped model initialises, except the two whose purpose is to fail at init. */
+static int test_shipped_models_load(void)
+{
+    DIR *dir = opendir(models_dir);
+    CHECK(dir, "cannot list %s", models_dir);
+    int loaded = 0, refused = 0;
+    for (struct dirent *entry; (entry = readdir(dir));) {
+        size_t len = strlen(entry->d_name);
+        if (len < 7 || strcmp(entry->d_name + len - 6, ".rkllm") != 0)
+            continue;
+        bool must_fail = !strncmp(entry->d_name, "faulty-init", 11) || !strncmp(entry->d_name, "old-toolkit", 11);
+        LLMHandle h;
+        int rc = open_model(&h, entry->d_name);
+        if (rc != (must_fail ? -1 : 0)) {
+            closedir(dir);
+            CHECK(false, "%s: rkllm_init returned %d", entry->d_name, rc);
+        }
+        if (rc == 0) {
+            loaded++;
+            rkllm_destroy(h);
+        } else {
+            refused++;
+        }
+    }
+    closedir(dir);
+    CHECK(loaded >= 6 && refused == 2, "loaded %d, refused %d", loaded, refused);
+    return 0;
+}
+
 static int test_legacy_114_library(void)
 {
     char exe[PATH_MAX];
@@ -851,6 +881,7 @@ static const test_case TESTS[] = {
     {"segv_at_token", test_segv_at_token},
     {"destroy_misuse", test_destroy_misuse},
     {"parallel_handles", test_parallel_handles},
+    {"shipped_models_load", test_shipped_models_load},
     {"legacy_114_library", test_legacy_114_library},
 };
 enum { N_TESTS = sizeof TESTS / sizeof *TESTS };
