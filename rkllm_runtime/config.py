@@ -40,7 +40,8 @@ Format (every key optional unless marked; values shown are the defaults)::
     base_domain_id = -1              # -1 = follow base_domain_policy
     queue_size = 8                   # requests allowed to wait (besides the running one)
     bytes_per_token = 4.0            # prompt-size estimate used to refuse over-long prompts up front
-    temperature = 0.8                # sampling is fixed at rkllm_init (see README: "Sampling")
+    kv_cache_reuse = true            # continue a conversation from the KV cache (false: always re-prefill)
+    temperature = 0.8                # sampling is fixed at rkllm_init (see rkllm_runtime/api/openai.py)
     top_p = 0.9
     top_k = 1
     repeat_penalty = 1.1
@@ -109,6 +110,7 @@ class ModelConfig(_Strict):
     base_domain_id: int = Field(default=-1, ge=-1)
     queue_size: int = Field(default=8, ge=0)
     bytes_per_token: float = Field(default=4.0, gt=0)
+    kv_cache_reuse: bool = True
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.9, ge=0, le=1)
     top_k: int = Field(default=1, ge=0, le=1000)

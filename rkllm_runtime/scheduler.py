@@ -75,7 +75,8 @@ def plan_run(model: LoadedModel, job: Job, kv_tokens: int) -> RunPlan:
     config = model.config
     wanted = min(job.max_tokens or config.max_new_tokens, config.max_new_tokens)
     cached = model.kv_text
-    if cached and job.prompt.startswith(cached) and len(job.prompt) > len(cached):
+    reusable = config.kv_cache_reuse and cached and job.prompt.startswith(cached)
+    if reusable and len(job.prompt) > len(cached):
         suffix = job.prompt[len(cached) :]
         room = config.context_length - kv_tokens - estimate_tokens(suffix, config.bytes_per_token)
         if room > 0:

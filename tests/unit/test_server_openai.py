@@ -311,3 +311,14 @@ def test_non_streaming_disconnect_aborts_too(start_server, make_model, double_lo
         wait_until(
             lambda: 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
         )
+
+
+def test_kv_reuse_can_be_switched_off(start_server, make_model, double_log):
+    server = start_server([model_entry(make_model, QWEN, config={"kv_cache_reuse": False})])
+    client = client_for(server)
+    first = client.chat.completions.create(model=QWEN, messages=user("one"))
+    reply = {"role": "assistant", "content": first.choices[0].message.content}
+    messages = [*user("one"), reply, *user("two")]
+    second = client.chat.completions.create(model=QWEN, messages=messages)
+    assert second.usage.prompt_tokens_details.cached_tokens == 0
+    assert len(log_lines(double_log, "CLEAR_KV")) == 2
