@@ -23,7 +23,7 @@ from .binfmt import ensure_arch_runnable
 from .commands import SimError, log, mounts_under, run
 
 # Bump when the build steps change so old caches are not reused.
-BUILD_SCRIPT_VERSION = 3
+BUILD_SCRIPT_VERSION = 4
 SUITE = "bookworm"
 DEFAULT_CACHE = Path("/var/cache/rkllm-fleet")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -47,6 +47,9 @@ MASKED_UNITS = (
     "systemd-networkd-wait-online.service", "man-db.timer",
 )
 SSHD_DROPIN = "UseDNS no\nMaxStartups 64:30:128\n"
+# qemu-user cannot set up systemd credentials (units fail at step CREDENTIALS with EINVAL); the
+# Debian units that load optional credentials run fine without them.
+NO_CREDENTIALS_DROPIN = "[Service]\nLoadCredential=\n"
 NO_SERVICE_START = "#!/bin/sh\n# fleet-sim image build: never start services in the build chroot\nexit 101\n"
 
 
@@ -110,6 +113,11 @@ def _discard_stale_builds(tmp_root: Path) -> None:
 
 def _configure_base(root: Path, arch: str, seconds: float) -> None:
     run(["systemctl", f"--root={root}", "mask", *MASKED_UNITS])
+    for unit in sorted((root / "lib/systemd/system").glob("*.service")):
+        if "\nLoadCredential=" in unit.read_text():
+            dropin = root / "etc/systemd/system" / f"{unit.name}.d" / "fleet-sim-no-credentials.conf"
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text(NO_CREDENTIALS_DROPIN)
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/fleet-sim.conf").write_text(SSHD_DROPIN)
     # Empty machine-id: every booted copy gets its own transient id instead of sharing one.

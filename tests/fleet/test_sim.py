@@ -68,6 +68,13 @@ def test_ansible_reaches_every_host_over_ssh(fleet: Fleet) -> None:
             ", ", ",").replace("  ", " ")
 
 
+def test_every_host_boots_without_failed_units(fleet: Fleet) -> None:
+    for host in fleet.hosts.values():
+        failed = host.exec(["systemctl", "--failed", "--no-legend", "--plain"]).stdout
+        assert failed == "", f"{host.name}: {failed}"
+        assert host.exec(["systemctl", "is-system-running"]).stdout == "running\n"
+
+
 def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
     inventory = yaml.safe_load(fleet.inventory_path.read_text())["all"]
     boards = inventory["children"]["rkllm_boards"]
