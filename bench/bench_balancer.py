@@ -1,0 +1,215 @@
+"""The balancer under load: N rkllm-server boards (the double at 16 tok/s) behind the nginx.conf that
+the nginx_lb role renders, driven by an asyncio + httpx load generator on loopback.
+
+Usage (from the repository root, after `make double`):
+    .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8]
+Prints a Markdown table: aggregate tokens/s against the ideal N x 16, TTFT p50/p95, mean queue wait
+(from the boards' rkllm_request_queue_time_seconds), status/error counts; then nginx's added TTFT
+(p50 of paired direct-vs-nginx requests to an idle board). Runs about three minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.unit.balancer_harness import (
+    Board,
+    BoardModel,
+    RenderedBalancer,
+    render_balancers,
+    running_boards,
+    running_nginx,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENS_PER_SECOND = 16.0
+TOKENS_PER_REQUEST = 32  # 2 s of decoding per request at 16 tok/s
+PACED = BoardModel("paced", tokens_per_second=TOKENS_PER_SECOND, reply_tokens=4096, queue_size=8)
+FLAT = BoardModel("flat", tokens_per_second=0, reply_tokens=4, queue_size=8)
+WARMUP_S = 3.0
+
+
+@dataclass
+class CellResult:
+    tokens_in_window: int = 0
+    ttft: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: int = 0
+
+
+def content_of(line: str) -> str:
+    if not line.startswith("data: {"):
+        return ""
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return choices[0].get("delta", {}).get("content") or ""
+
+
+def body(model: str, max_tokens: int, n: int) -> dict[str, object]:
+    return {"model": model, "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"benchmark request {n}"}]}
+
+
+async def client_loop(client: httpx.AsyncClient, url: str, window: tuple[float, float], result: CellResult,
+                      client_id: int) -> None:
+    sequence = 0
+    while True:
+        sequence += 1
+        sent = time.monotonic()
+        try:
+            async with client.stream("POST", url, json=body(PACED.name, TOKENS_PER_REQUEST,
+                                                             client_id * 100000 + sequence)) as response:
+                result.statuses[response.status_code] += 1
+                if response.status_code != 200:
+                    await response.aread()
+                    await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+                    continue
+                first: float | None = None
+                async for line in response.aiter_lines():
+                    if not content_of(line):
+                        continue
+                    now = time.monotonic()
+                    if first is None:
+                        first = now - sent
+                        if window[0] <= sent < window[1]:
+                            result.ttft.append(first)
+                    if window[0] <= now < window[1]:
+                        result.tokens_in_window += 1
+        except httpx.HTTPError:
+            result.errors += 1
+
+
+def queue_totals(boards: list[Board]) -> tuple[float, float]:
+    """(sum of queue seconds, number of requests) over the boards' queue-time histograms."""
+    total_s = count = 0.0
+    for board in boards:
+        text = httpx.get(f"http://127.0.0.1:{board.port}/metrics", timeout=10).text
+        total_s += sum(map(float, re.findall(r"^rkllm_request_queue_time_seconds_sum\S* (\S+)$", text, re.M)))
+        count += sum(map(float, re.findall(r"^rkllm_request_queue_time_seconds_count\S* (\S+)$", text, re.M)))
+    return total_s, count
+
+
+async def wait_idle(boards: list[Board]) -> None:
+    pattern = re.compile(r"^rkllm_requests_(?:running|waiting)\S* (\S+)$", re.M)
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            texts = [(await client.get(f"http://127.0.0.1:{b.port}/metrics")).text for b in boards]
+            if all(float(v) == 0 for t in texts for v in pattern.findall(t)):
+                return
+            await asyncio.sleep(0.1)
+    raise TimeoutError("boards still busy after the cell")
+
+
+async def run_cell(base: str, boards: list[Board], clients: int, seconds: float) -> tuple[CellResult, float]:
+    result = CellResult()
+    queue_before = queue_totals(boards)
+    start = time.monotonic()
+    window = (start + WARMUP_S, start + WARMUP_S + seconds)
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
+        tasks = [asyncio.create_task(client_loop(client, f"{base}/v1/chat/completions", window, result, i))
+                 for i in range(clients)]
+        await asyncio.sleep(window[1] - time.monotonic())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await wait_idle(boards)
+    queue_after = queue_totals(boards)
+    requests = queue_after[1] - queue_before[1]
+    mean_queue = (queue_after[0] - queue_before[0]) / requests if requests else 0.0
+    return result, mean_queue
+
+
+async def first_token_seconds(client: httpx.AsyncClient, url: str, n: int) -> float:
+    sent = time.monotonic()
+    async with client.stream("POST", url, json=body(FLAT.name, 1, n)) as response:
+        async for line in response.aiter_lines():
+            if content_of(line):
+                return time.monotonic() - sent
+    raise RuntimeError(f"no token from {url}")
+
+
+async def nginx_added_ttft(base: str, board: Board, pairs: int = 40) -> tuple[float, float, float]:
+    """p50 TTFT direct, p50 through nginx, p50 of the paired differences (seconds)."""
+    direct_url = f"http://127.0.0.1:{board.port}/v1/chat/completions"
+    direct: list[float] = []
+    proxied: list[float] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for n in range(pairs + 5):
+            d = await first_token_seconds(client, direct_url, n)
+            p = await first_token_seconds(client, f"{base}/v1/chat/completions", n)
+            if n >= 5:  # first pairs open connections and warm caches
+                direct.append(d)
+                proxied.append(p)
+    diffs = [p - d for p, d in zip(proxied, direct, strict=True)]
+    return statistics.median(direct), statistics.median(proxied), statistics.median(diffs)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def row(n: int, load: int, result: CellResult, mean_queue: float, seconds: float) -> str:
+    rate = result.tokens_in_window / seconds
+    ideal = n * TOKENS_PER_SECOND
+    others = sum(c for s, c in result.statuses.items() if s not in (200, 503))
+    return (f"| {n} | {load}x ({n * load} clients) | {rate:.1f} | {ideal:.0f} | {100 * rate / ideal:.1f} % | "
+            f"{percentile(result.ttft, 0.5) * 1000:.0f} | {percentile(result.ttft, 0.95) * 1000:.0f} | "
+            f"{mean_queue * 1000:.0f} | {result.statuses[200]} | {result.statuses[503]} | "
+            f"{others + result.errors} |")
+
+
+async def bench(workdir: Path, sizes: list[int], loads: list[int], seconds: float) -> None:
+    largest = max(sizes)
+    fleet = {f"b{i + 1}": [PACED, FLAT] for i in range(largest)}
+    library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
+    with running_boards(workdir / "boards", library, fleet) as started:
+        boards = list(started.values())
+        # One render for every fleet size: boards beyond N are drained (rendered `down`).
+        variants: dict[str, dict[str, object]] = {
+            f"n{n}": {"nginx_lb_drained_boards": [b.name for b in boards[n:]]} for n in sizes
+        }
+        rendered: dict[str, RenderedBalancer] = render_balancers(workdir / "lb", boards, variants)
+        print("| boards | load | tokens/s | ideal | of ideal | TTFT p50 ms | TTFT p95 ms | "
+              "queue wait mean ms | 200 | 503 | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        overhead: tuple[float, float, float] | None = None
+        for n in sizes:
+            with running_nginx(rendered[f"n{n}"]) as base:
+                if overhead is None:
+                    overhead = await nginx_added_ttft(base, boards[0])
+                for load in loads:
+                    result, mean_queue = await run_cell(base, boards[:n], n * load, seconds)
+                    print(row(n, load, result, mean_queue, seconds), flush=True)
+        assert overhead is not None
+        direct, proxied, added = overhead
+        print(f"\nTTFT on an idle board (flat-out model, 1 token): direct p50 {direct * 1000:.2f} ms, "
+              f"through nginx p50 {proxied * 1000:.2f} ms, nginx adds p50 {added * 1000:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boards", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=8.0, help="measurement window per cell")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-balancer-") as tmp:
+        asyncio.run(bench(Path(tmp), sorted(args.boards), args.loads, args.seconds))
+
+
+if __name__ == "__main__":
+    main()
