@@ -16,6 +16,7 @@ from rkllm_runtime.api import ollama, openai
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
+from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.library import load_library
 from rkllm_runtime.metrics import CONTENT_TYPE, Metrics
 from rkllm_runtime.registry import EngineFactory, ModelUnavailableError
@@ -40,7 +41,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             await scheduler.load_pinned()
-        except ModelUnavailableError as exc:
+        except (ModelUnavailableError, RkllmError) as exc:
             log.error("a pinned model failed to load (/ready will say so and retry): %s", exc)
         yield
         await scheduler.close()

@@ -9,7 +9,6 @@ rendered conversation starts with that text only sends the new suffix.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from collections import deque
@@ -215,27 +214,44 @@ class Scheduler:
             self.metrics.queue_time.labels(model_name).observe(queue_seconds)
             was_loaded = self.registry.get(model_name) is not None
             model = await self.registry.ensure(model_name)
-            started = Started(model_name, 0, queue_seconds, 0.0 if was_loaded else model.load_seconds)
-            async with aclosing(self._run(model, job, started)) as events:
+            try:
+                if model.poisoned:
+                    raise RkllmError(f"handle of {model_name} failed earlier")
+                plan = self._prepare(model, job)
+            except RkllmError:
+                # Nothing was generated yet: a fresh handle can still serve this request.
+                model = await self.registry.reload(model_name)
+                was_loaded = False
+                plan = self._prepare(model, job)
+            yield Started(
+                model_name, plan.cached_tokens, queue_seconds, 0.0 if was_loaded else model.load_seconds
+            )
+            async with aclosing(self._run(model, job, plan)) as events:
                 async for event in events:
                     yield event
         finally:
             ticket.release()
 
-    async def _run(
-        self, model: LoadedModel, job: Job, started: Started
-    ) -> AsyncIterator[Started | TokenEvent | FinishEvent]:
-        engine, name = model.engine, model.config.name
+    @staticmethod
+    def _prepare(model: LoadedModel, job: Job) -> RunPlan:
+        """Tools and KV cache set up for the job; the handle's cache state is unknown until it ends."""
+        engine = model.engine
         if job.tools_json != model.tools_json:
             model.kv_text = ""  # the runtime's tool prompt changes what the cache means
             engine.set_function_tools("", job.tools_json, "tool_response")
             model.tools_json = job.tools_json
         plan = plan_run(model, job, engine.kv_cache_size() if model.kv_text else 0)
         if not plan.reuse:
+            model.kv_text = ""
             engine.clear_kv_cache(False)
-        base = model.kv_text if plan.reuse else ""
+        return plan
+
+    async def _run(
+        self, model: LoadedModel, job: Job, plan: RunPlan
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        engine, name = model.engine, model.config.name
+        base = model.kv_text
         model.kv_text = ""  # unknown until this run completes cleanly
-        yield dataclasses.replace(started, cached_tokens=plan.cached_tokens)
         request = GenerationRequest(
             prompt=plan.text, role=job.role, keep_history=True, max_tokens=plan.max_tokens
         )

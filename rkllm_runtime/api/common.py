@@ -21,7 +21,7 @@ from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
-from rkllm_runtime.errors import RunError
+from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
 from rkllm_runtime.scheduler import (
     ContextOverflowError,
@@ -159,7 +159,7 @@ async def start_generation(request: Request, model: ModelConfig, job: Job) -> Ge
     """Refuse (400/503) before any work, then wait for the turn and the handle."""
     scheduler = scheduler_of(request)
     try:
-        estimate = check_context(model, job.prompt)
+        estimate = check_context(model, job.prompt + job.tools_json)
         ticket = scheduler.admit(model.name)
     except ContextOverflowError as exc:
         raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
@@ -168,7 +168,8 @@ async def start_generation(request: Request, model: ModelConfig, job: Job) -> Ge
     events = scheduler.generate(ticket, model.name, job)
     try:
         started = await until_disconnect(request, anext(events))
-    except ModelUnavailableError as exc:
+    except (ModelUnavailableError, RkllmError) as exc:
+        # Nothing was generated: 503 lets the balancer try another board.
         await events.aclose()
         scheduler.metrics.rejected.labels(model.name, "model_unavailable").inc()
         raise ApiError(503, str(exc), code="model_unavailable", retry_after=5) from exc
@@ -283,12 +284,12 @@ async def collect(generation: Generation, output: OutputAssembler) -> tuple[Delt
                 total.content += item.content
                 total.reasoning += item.reasoning
                 total.tool_calls.extend(item.tool_calls)
-    except RunError as exc:
+    except RkllmError as exc:
         raise run_error(exc) from exc
     raise AssertionError("run_generation ends with an Outcome")
 
 
-def run_error(exc: RunError) -> ApiError:
+def run_error(exc: RkllmError) -> ApiError:
     return ApiError(500, f"the NPU runtime failed during generation: {exc}", code="run_error")
 
 

@@ -33,11 +33,12 @@ from rkllm_runtime.api.common import (
     start_generation,
     until_disconnect,
 )
-from rkllm_runtime.api.errors import bad_request
+from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.chat import Message, ToolCall, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
-from rkllm_runtime.errors import RunError
-from rkllm_runtime.scheduler import Job
+from rkllm_runtime.errors import RkllmError
+from rkllm_runtime.registry import ModelUnavailableError
+from rkllm_runtime.scheduler import Job, QueueFullError
 
 router = APIRouter(prefix="/api")
 
@@ -216,7 +217,7 @@ async def generate(request: Request) -> Response:
         }
     )
     if not body.prompt:
-        return JSONResponse(await _load_or_unload(scheduler.registry, model, body.keep_alive))
+        return JSONResponse(await _load_or_unload(request, model, body.keep_alive))
     messages = [Message("system", body.system)] if body.system else []
     messages.append(Message("user", body.prompt))
     prompt = body.prompt if body.raw else config.template_for(model).render(messages, model.system_prompt)
@@ -234,7 +235,7 @@ async def chat(request: Request) -> Response:
     model = resolve_model(config, body.model, body.wants_reasoning(), last_user)
     body.check(model)
     if not messages:
-        return JSONResponse(await _load_or_unload(scheduler.registry, model, body.keep_alive, chat=True))
+        return JSONResponse(await _load_or_unload(request, model, body.keep_alive, chat=True))
     tools = tools_json(body.tools) if body.tools else ""
     job = Job(
         prompt=config.template_for(model).render(messages, model.system_prompt),
@@ -259,16 +260,36 @@ def _message(message: ChatMessageIn, index: int) -> Message:
 
 
 async def _load_or_unload(
-    registry: Any, model: ModelConfig, keep_alive: float | str | None, chat: bool = False
+    request: Request, model: ModelConfig, keep_alive: float | str | None, chat: bool = False
 ) -> dict[str, Any]:
-    """Ollama's convention: an empty prompt loads the model, with keep_alive 0 it unloads it."""
-    if keep_alive in (0, "0", "0s", "0m"):
-        await registry.unload(model.name)
-        reason = "unload"
-    else:
-        await registry.ensure(model.name)
-        reason = "load"
-    body: dict[str, Any] = {"model": model.name, "created_at": _now(), "done": True, "done_reason": reason}
+    """Ollama's convention: an empty prompt loads the model, with keep_alive 0 it unloads it.
+
+    Both wait for the model's turn, so a running generation is never cut off.
+    """
+    scheduler = scheduler_of(request)
+    unload = keep_alive in (0, "0", "0s", "0m")
+    if unload and model.pinned:
+        raise bad_request(f"model {model.name} is pinned and stays loaded")
+    try:
+        ticket = scheduler.admit(model.name)
+    except QueueFullError as exc:
+        raise ApiError(503, str(exc), retry_after=exc.retry_after) from exc
+    try:
+        await until_disconnect(request, ticket.wait())
+        if unload:
+            await scheduler.registry.unload(model.name)
+        else:
+            await scheduler.registry.ensure(model.name)
+    except ModelUnavailableError as exc:
+        raise ApiError(503, str(exc), retry_after=5) from exc
+    finally:
+        ticket.release()
+    body: dict[str, Any] = {
+        "model": model.name,
+        "created_at": _now(),
+        "done": True,
+        "done_reason": "unload" if unload else "load",
+    }
     if chat:
         body["message"] = {"role": "assistant", "content": ""}
     else:
@@ -338,5 +359,5 @@ async def _ndjson(
                     yield (dumps(_final(generation, item, job, chat)) + "\n").encode()
                 else:
                     yield (dumps(_piece(generation.model, item, chat)) + "\n").encode()
-    except RunError as exc:
+    except RkllmError as exc:
         yield (dumps({"error": run_error(exc).message}) + "\n").encode()

@@ -39,7 +39,7 @@ from rkllm_runtime.api.common import (
 from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
 from rkllm_runtime.chat import Message, ToolCall, tools_json
 from rkllm_runtime.config import ModelConfig
-from rkllm_runtime.errors import RunError
+from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.scheduler import Job
 
 router = APIRouter(prefix="/v1")
@@ -393,7 +393,7 @@ async def _sse(
                 else:
                     yield chunk(shape.choice_delta(item, tool_index))
                     tool_index += len(item.tool_calls)
-    except RunError as exc:
+    except RkllmError as exc:
         yield sse_error_event(run_error(exc))
         return
     yield b"data: [DONE]\n\n"

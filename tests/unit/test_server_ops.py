@@ -297,3 +297,21 @@ def test_cli_refuses_a_bad_config_clearly(tmp_path):
         timeout=30,
     )
     assert result.returncode == 2 and "port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_request_finding_a_broken_handle_gets_a_fresh_one(start_server, make_model, double_log):
+    server = start_server([model_entry(make_model, QWEN)])
+    with server.http() as http:
+        assert chat(http).status_code == 200
+        server.scheduler.registry.get(QWEN).engine.close()
+        healed = chat(http)
+    assert healed.status_code == 200 and healed.json()["choices"][0]["message"]["content"]
+    assert len(log_lines(double_log, "INIT")) == 2
+
+
+def test_a_pinned_model_cannot_be_unloaded_through_ollama(start_server, make_model):
+    server = start_server([model_entry(make_model, QWEN, config={"pinned": True})])
+    with server.http() as http:
+        refused = http.post("/api/generate", json={"model": QWEN, "prompt": "", "keep_alive": 0})
+        assert refused.status_code == 400 and "pinned" in refused.json()["error"]
+        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [QWEN]
