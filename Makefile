@@ -1,10 +1,11 @@
 # rkllm-fleet top-level tasks. Everything runs from a fresh clone: `make test` builds what it needs.
+# Targets that touch the simulated fleet (demo, test, sim-*) need root.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv double test bench lint clean
+.PHONY: venv double test bench lint demo clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements/dev.txt pyproject.toml
@@ -14,7 +15,7 @@ $(VENV)/.installed: requirements/dev.txt pyproject.toml
 	touch $@
 
 double:
-	$(MAKE) -C tests/fakelib
+	$(MAKE) -s -C tests/fakelib
 
 lint: venv
 	$(VENV)/bin/ruff check rkllm_runtime tests bench
@@ -22,5 +23,16 @@ lint: venv
 test: venv double
 	$(VENV)/bin/pytest -q
 
+# Provision the simulated fleet with site.yml and stream one chat answer through nginx.
+demo: venv double
+	$(PY) -m tests.fleet.demo --arch $(ARCH) --boards $(BOARDS)
+
+bench: venv double
+	$(PY) bench/bench_binding.py 2>/dev/null
+	$(PY) bench/bench_server.py
+	$(PY) bench/bench_balancer.py
+
 clean:
 	rm -rf build $(VENV)
+
+include tests/fleet/fleet.mk
