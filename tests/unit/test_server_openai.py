@@ -322,3 +322,22 @@ def test_kv_reuse_can_be_switched_off(start_server, make_model, double_log):
     second = client.chat.completions.create(model=QWEN, messages=messages)
     assert second.usage.prompt_tokens_details.cached_tokens == 0
     assert len(log_lines(double_log, "CLEAR_KV")) == 2
+
+
+def test_a_client_leaving_the_queue_never_reaches_the_handle(start_server, make_model, double_log):
+    server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=20, reply_tokens=200)])
+    client = client_for(server)
+    running = client.chat.completions.create(model=QWEN, messages=user("first"), stream=True)
+    next(iter(running))
+    with server.http(timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post(
+            "/v1/chat/completions", json={"model": QWEN, "messages": user("second"), "stream": True}
+        )
+    with server.http() as http:
+        waiting = 'rkllm_requests_waiting{model="Qwen2.5-1.5B-Instruct"} 0.0'
+        wait_until(lambda: waiting in http.get("/metrics").text)
+        running.close()
+        wait_until(
+            lambda: 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
+        )
+    assert len(log_lines(double_log, "RUN")) == 1, "the departed request did no work"

@@ -1,0 +1,1 @@
+"""HTTP routes of the node server: OpenAI-compatible (/v1) and Ollama-compatible (/api)."""
