@@ -793,6 +793,61 @@ static int test_segv_at_token(void)
     return 0;
 }
 
+typedef struct {
+    LLMHandle handle;
+    volatile sig_atomic_t stop;
+    long calls;
+} hammer_args;
+
+static void *hammer_handle(void *arg)
+{
+    hammer_args *a = arg;
+    while (!a->stop) {
+        kv_size(a->handle);
+        a->calls++;
+    }
+    return NULL;
+}
+
+/* A child forked while another thread is inside the library (holding its locks) must not deadlock. */
+static int test_fork_while_busy(void)
+{
+    LLMHandle h;
+    CHECK(open_model(&h, "tiny-flat.rkllm") == 0, "init failed");
+    hammer_args hammer = {.handle = h};
+    pthread_t t;
+    pthread_create(&t, NULL, hammer_handle, &hammer);
+    int failed_round = -1, status = 0;
+    bool stuck = false;
+    for (int round = 0; round < 20 && failed_round < 0; round++) {
+        fflush(NULL);
+        pid_t child = fork();
+        CHECK(child >= 0, "fork failed");
+        if (child == 0) {
+            LLMHandle fresh;
+            collector mine;
+            collector_init(&mine);
+            bool ok = rkllm_is_running(h) == 1 && open_model(&fresh, "tiny-flat.rkllm") == 0 &&
+                      run_prompt(fresh, "child", 0, &mine) == 0 && rkllm_destroy(fresh) == 0;
+            _exit(ok ? 0 : 1);
+        }
+        double deadline = now_ms() + 5000;
+        while (waitpid(child, &status, WNOHANG) == 0 && !(stuck = now_ms() >= deadline))
+            sched_yield();
+        if (stuck) {
+            kill(child, SIGKILL);
+            waitpid(child, &status, 0);
+        }
+        if (stuck || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            failed_round = round;
+    }
+    hammer.stop = 1;
+    pthread_join(t, NULL);
+    CHECK(failed_round < 0, "child %d: status 0x%x%s", failed_round, status, stuck ? " (deadlocked)" : "");
+    CHECK(hammer.calls > 0, "the busy thread never got into the library");
+    return rkllm_destroy(h);
+}
+
 static int test_destroy_misuse(void)
 {
     background_run b;
@@ -926,6 +981,7 @@ static const test_case TESTS[] = {
     {"tools", test_tools},
     {"prompt_cache_and_lora", test_prompt_cache_and_lora},
     {"segv_at_token", test_segv_at_token},
+    {"fork_while_busy", test_fork_while_busy},
     {"destroy_misuse", test_destroy_misuse},
     {"parallel_handles", test_parallel_handles},
     {"shipped_models_load", test_shipped_models_load},

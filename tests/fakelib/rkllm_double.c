@@ -89,6 +89,7 @@ static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct double_handle *registry;
 static unsigned next_handle_id = 1;
 static double domain_used_mb[MAX_DOMAINS];
+static pthread_once_t fork_handlers_once = PTHREAD_ONCE_INIT;
 
 /* ---------------------------------------------------------------- logging */
 
@@ -595,6 +596,30 @@ static bool refuse_if_running(struct double_handle *h, const char *fn)
     return true;
 }
 
+/*
+ * fork() while another thread holds one of our locks would leave it locked forever in the child, so
+ * every lock is taken around fork (registry first, the same order as lock_handle). Registered from
+ * the first rkllm_init rather than a constructor: loading the library must not do anything.
+ */
+static void lock_all_for_fork(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (struct double_handle *h = registry; h; h = h->next)
+        pthread_mutex_lock(&h->lock);
+}
+
+static void unlock_all_after_fork(void)
+{
+    for (struct double_handle *h = registry; h; h = h->next)
+        pthread_mutex_unlock(&h->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void register_fork_handlers(void)
+{
+    pthread_atfork(lock_all_for_fork, unlock_all_after_fork, unlock_all_after_fork);
+}
+
 static void handle_free(struct double_handle *h)
 {
     model_free(&h->model);
@@ -731,6 +756,7 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
         violation(0, "rkllm_init called with a NULL %s", param ? "callback" : "param");
         return -1;
     }
+    pthread_once(&fork_handlers_once, register_fork_handlers);
     fprintf(stderr, "I rkllm: rkllm-runtime version: 1.2.3 (test double), rknpu driver version: 0.9.8, "
                     "platform: RK3588\n");
     if (!params_valid(param))
