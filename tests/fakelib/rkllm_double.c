@@ -1150,6 +1150,7 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
         save_prompt_cache(h, plan);
 
     double interval_ms = m->tokens_per_second > 0 ? 1000.0 / m->tokens_per_second : 0;
+    struct timespec due = decode_base;
     int kv = plan->kv_start + plan->prefill_tokens;
     int generated = 0;
     const char *reason = aborted ? "abort" : NULL;
@@ -1160,10 +1161,10 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
             reason = "length";
         if (reason) {
             /* The step that would produce the next token (EOS) still costs one decode interval. */
-            wait_until(h, ts_add_ms(decode_base, generated * interval_ms));
+            wait_until(h, due);
             break;
         }
-        if (wait_until(h, ts_add_ms(decode_base, generated * interval_ms))) {
+        if (wait_until(h, due)) {
             reason = "abort";
             break;
         }
@@ -1183,6 +1184,14 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
         kv++;
         if (paused)
             reason = "callback";
+        /*
+         * Absolute deadlines absorb callback overhead; but after a stall (this thread descheduled for
+         * more than a token) a real NPU does not catch up, so neither do we: no burst of late tokens.
+         */
+        due = ts_add_ms(due, interval_ms);
+        struct timespec now = now_mono();
+        if (ts_cmp(now, ts_add_ms(due, interval_ms)) > 0)
+            due = now;
     }
     struct timespec end = now_mono();
     RKLLMResult result;
