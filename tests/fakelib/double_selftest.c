@@ -61,6 +61,7 @@ typedef struct {
     int after_finish; /* callbacks arriving after FINISH or ERROR */
     int pause_after_normal; /* return 1 once this many NORMAL callbacks arrived (0 = never) */
     int return_value;
+    pthread_t callback_thread;
     double first_normal_ms;
     double finish_ms;
     double normal_at_ms[MAX_EVENTS];
@@ -107,6 +108,7 @@ static int on_result(RKLLMResult *result, void *userdata, LLMCallState state)
         }
     }
     int verdict = c->return_value;
+    c->callback_thread = pthread_self();
     switch (state) {
     case RKLLM_RUN_NORMAL:
         if (c->normal < MAX_EVENTS)
@@ -135,11 +137,11 @@ static int on_result(RKLLMResult *result, void *userdata, LLMCallState state)
     return verdict;
 }
 
-static bool wait_for_normal(collector *c, int count, double timeout_ms)
+static bool wait_for(collector *c, const int *counter, int count, double timeout_ms)
 {
     double deadline = now_ms() + timeout_ms;
     pthread_mutex_lock(&c->lock);
-    while (c->normal < count && now_ms() < deadline) {
+    while (*counter < count && now_ms() < deadline) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_nsec += 2000000;
@@ -149,9 +151,14 @@ static bool wait_for_normal(collector *c, int count, double timeout_ms)
         }
         pthread_cond_timedwait(&c->changed, &c->lock, &ts);
     }
-    bool reached = c->normal >= count;
+    bool reached = *counter >= count;
     pthread_mutex_unlock(&c->lock);
     return reached;
+}
+
+static bool wait_for_normal(collector *c, int count, double timeout_ms)
+{
+    return wait_for(c, &c->normal, count, timeout_ms);
 }
 
 static int compare_doubles(const void *a, const void *b)
@@ -936,6 +943,44 @@ static int test_shipped_models_load(void)
     return 0;
 }
 
+static int test_run_async(void)
+{
+    setenv("RKLLM_DOUBLE_TPS", "100", 1);
+    char path[PATH_MAX];
+    model_path(path, "tiny-flat.rkllm");
+    RKLLMParam p = params_for(path);
+    LLMHandle sync_handle, h;
+    CHECK(rkllm_init(&sync_handle, &p, on_result) == 0, "init failed");
+    RKLLMInput in;
+    memset(&in, 0, sizeof in);
+    in.role = "user";
+    in.prompt_input = "async please";
+    RKLLMInferParam infer;
+    memset(&infer, 0, sizeof infer);
+    collector c, intruder;
+    collector_init(&c);
+    collector_init(&intruder);
+    CHECK(rkllm_run_async(sync_handle, &in, &infer, &c) == -1 && log_count("is_async = false") == 1,
+          "rkllm_run_async accepted on a handle without is_async");
+    CHECK(rkllm_destroy(sync_handle) == 0, "destroy failed");
+    p.is_async = true;
+    CHECK(rkllm_init(&h, &p, on_result) == 0, "init failed");
+    double start = now_ms();
+    CHECK(rkllm_run_async(h, &in, &infer, &c) == 0, "rkllm_run_async failed");
+    double returned = now_ms() - start;
+    memset(&in, 0xAB, sizeof in); /* the run must not depend on the caller's structs any more */
+    CHECK(returned < 100, "rkllm_run_async blocked for %.0f ms of a 160 ms run", returned);
+    CHECK(run_prompt(h, "me too", 0, &intruder) == -1, "rkllm_run accepted during an async run");
+    CHECK(wait_for(&c, &c.finish, 1, 5000), "no FINISH from the async run");
+    CHECK(c.perf.generate_tokens == 16 && !pthread_equal(c.callback_thread, pthread_self()),
+          "async run: %d tokens, callbacks on the caller's thread: %d", c.perf.generate_tokens,
+          pthread_equal(c.callback_thread, pthread_self()) != 0);
+    double deadline = now_ms() + 5000;
+    while (rkllm_is_running(h) == 0 && now_ms() < deadline)
+        sched_yield();
+    return rkllm_destroy(h);
+}
+
 static int test_legacy_114_library(void)
 {
     char exe[PATH_MAX];
@@ -990,6 +1035,7 @@ static const test_case TESTS[] = {
     {"destroy_misuse", test_destroy_misuse},
     {"parallel_handles", test_parallel_handles},
     {"shipped_models_load", test_shipped_models_load},
+    {"run_async", test_run_async},
     {"legacy_114_library", test_legacy_114_library},
 };
 enum { N_TESTS = sizeof TESTS / sizeof *TESTS };

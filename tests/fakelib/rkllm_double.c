@@ -898,7 +898,7 @@ typedef struct {
     int kv_start;
     int reply_len;
     bool tool_call;
-    const char *lora;
+    char *lora;
     char *save_cache_path;
 } run_plan;
 
@@ -959,8 +959,9 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
                 lora->lora_adapter_name ? lora->lora_adapter_name : "(null)");
         return false;
     }
-    plan->lora = lora ? lora->lora_adapter_name : NULL;
-    plan->role = in->role;
+    /* The plan owns everything it keeps: an async run outlives the caller's input structs. */
+    plan->lora = lora ? strdup(lora->lora_adapter_name) : NULL;
+    plan->role = strcmp(in->role, "tool") ? "user" : "tool";
     plan->keep_history = infer->keep_history != 0;
     if (in->input_type == RKLLM_INPUT_PROMPT) {
         if (!in->prompt_input) {
@@ -995,6 +996,8 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
     plan->kv_start = plan->keep_history ? h->kv_len : 0;
     plan->prefill_tokens = plan->prompt_tokens + (plan->kv_start == 0 ? h->system_tokens : 0);
     plan->tool_call = h->tool_name && strcmp(in->role, "tool") && strstr(plan->text, "weather");
+    if (lora && !plan->lora)
+        return false;
     plan->reply_len = plan->tool_call ? 5 : h->model.reply_tokens;
     return true;
 }
@@ -1002,6 +1005,7 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
 static void plan_free(run_plan *plan)
 {
     free(plan->text);
+    free(plan->lora);
     free(plan->save_cache_path);
 }
 
@@ -1209,45 +1213,89 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
     return 0;
 }
 
+typedef struct {
+    run_ctx ctx;
+    run_plan plan;
+} run_job;
+
+/* Validates a run and marks the handle busy; false (already reported) when refused. */
+static bool claim_run(LLMHandle handle, const char *fn, const RKLLMInput *in, const RKLLMInferParam *infer,
+                      void *userdata, run_job *job)
+{
+    struct double_handle *h = lock_handle(handle, fn);
+    if (!h)
+        return false;
+    bool ok = false;
+    if (h->running) {
+        violation(h->id, "concurrent %s on one handle: a run is already in progress; refusing this call", fn);
+    } else if (plan_run(h, in, infer, &job->plan)) {
+        h->running = true;
+        h->run_thread = pthread_self();
+        h->abort_requested = false;
+        job->ctx = (run_ctx){.h = h, .callback = h->callback, .userdata = userdata, .multibyte_tokens = 0};
+        ok = true;
+    } else {
+        plan_free(&job->plan);
+    }
+    pthread_mutex_unlock(&h->lock);
+    return ok;
+}
+
 EXPORT int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *rkllm_infer_params, void *userdata)
 {
-    struct double_handle *h = lock_handle(handle, "rkllm_run");
-    if (!h)
+    run_job job;
+    if (!claim_run(handle, "rkllm_run", rkllm_input, rkllm_infer_params, userdata, &job))
         return -1;
-    if (h->running) {
-        violation(h->id, "concurrent rkllm_run on one handle: a run is already in progress; refusing this call");
-        pthread_mutex_unlock(&h->lock);
-        return -1;
-    }
-    run_plan plan;
-    if (!plan_run(h, rkllm_input, rkllm_infer_params, &plan)) {
-        pthread_mutex_unlock(&h->lock);
-        plan_free(&plan);
-        return -1;
-    }
-    h->running = true;
-    h->run_thread = pthread_self();
-    h->abort_requested = false;
-    run_ctx ctx = {.h = h, .callback = h->callback, .userdata = userdata, .multibyte_tokens = 0};
-    pthread_mutex_unlock(&h->lock);
-    int rc = execute_run(&ctx, &plan);
-    plan_free(&plan);
+    int rc = execute_run(&job.ctx, &job.plan);
+    plan_free(&job.plan);
     return rc;
 }
 
+static void *async_run_thread(void *arg)
+{
+    run_job *job = arg;
+    pthread_mutex_lock(&job->ctx.h->lock);
+    job->ctx.h->run_thread = pthread_self();
+    pthread_mutex_unlock(&job->ctx.h->lock);
+    execute_run(&job->ctx, &job->plan);
+    plan_free(&job->plan);
+    free(job);
+    return NULL;
+}
+
+/* Returns once the run has started; callbacks then arrive on the library's own thread. */
 EXPORT int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *rkllm_infer_params,
                            void *userdata)
 {
-    (void)rkllm_input;
-    (void)rkllm_infer_params;
-    (void)userdata;
     struct double_handle *h = lock_handle(handle, "rkllm_run_async");
     if (!h)
         return -1;
+    bool is_async = h->params.is_async;
+    unsigned id = h->id;
     pthread_mutex_unlock(&h->lock);
-    fprintf(stderr, "E rkllm-double: rkllm_run_async is not implemented by the test double (it was broken "
-                    "before 1.2.2); call rkllm_run on a worker thread\n");
-    return -1;
+    if (!is_async) {
+        violation(id, "rkllm_run_async on a handle initialised with param.is_async = false");
+        return -1;
+    }
+    run_job *job = malloc(sizeof *job);
+    if (!job || !claim_run(handle, "rkllm_run_async", rkllm_input, rkllm_infer_params, userdata, job)) {
+        free(job);
+        return -1;
+    }
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    int err = pthread_create(&thread, &attr, async_run_thread, job);
+    pthread_attr_destroy(&attr);
+    if (err) {
+        fprintf(stderr, "E rkllm: cannot start the inference thread: %s\n", strerror(err));
+        end_run(job->ctx.h, job->plan.kv_before);
+        plan_free(&job->plan);
+        free(job);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- state setters */
