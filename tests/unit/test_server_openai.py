@@ -341,3 +341,18 @@ def test_a_client_leaving_the_queue_never_reaches_the_handle(start_server, make_
             lambda: 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
         )
     assert len(log_lines(double_log, "RUN")) == 1, "the departed request did no work"
+
+
+def test_multibyte_characters_split_by_the_runtime_arrive_whole(start_server, make_model):
+    server = start_server(
+        [model_entry(make_model, QWEN, reply_tokens=40, split_utf8_every=1, fragment_every=3)]
+    )
+    client = client_for(server)
+    whole = client.chat.completions.create(model=QWEN, messages=user("unicode")).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=QWEN, messages=user("unicode"), stream=True)
+        if c.choices
+    )
+    assert streamed == whole and "\ufffd" not in whole
+    assert any(ch in whole for ch in ("é", "世界", "🙂")), whole
