@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -31,6 +32,8 @@ from rkllm_runtime.scheduler import (
     Started,
     check_context,
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -294,7 +297,11 @@ def run_error(exc: RkllmError) -> ApiError:
 
 
 class GuardedStream(StreamingResponse):
-    """A streaming response that always closes its generation, even if streaming never started."""
+    """A stream that always closes its generation (even if it never started) and writes per batch.
+
+    The source runs as its own task; whatever it produced while the previous write was in flight
+    goes out as one write, so a fast runtime costs one send per batch of tokens, not per token.
+    """
 
     def __init__(
         self,
@@ -303,16 +310,58 @@ class GuardedStream(StreamingResponse):
         media_type: str,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+        super().__init__(self._drain(), media_type=media_type, headers=headers)
+        self._source = content
         self._generation = generation
-        self._content = content
+        self._pending: list[bytes] = []
+        self._produced = asyncio.Event()
+        self._producer: asyncio.Task[None] | None = None
+
+    async def _produce(self) -> None:
+        try:
+            async for chunk in self._source:
+                self._pending.append(chunk)
+                self._produced.set()
+        finally:
+            self._produced.set()
+
+    async def _drain(self) -> AsyncIterator[bytes]:
+        producer = self._producer = asyncio.ensure_future(self._produce())
+        while True:
+            if not self._pending and not producer.done():
+                await self._produced.wait()
+            self._produced.clear()
+            if self._pending:
+                batch = b"".join(self._pending)
+                self._pending.clear()
+                yield batch
+            elif producer.done():
+                producer.result()  # an unexpected failure ends the response loudly
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._content.aclose()  # type: ignore[attr-defined]
+            if self._producer is not None:
+                await _cancel_and_wait(self._producer)
+            await self._source.aclose()  # type: ignore[attr-defined]
             await self._generation.aclose()
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel task and wait until it has really finished (its cleanup aborts the run)."""
+    task.cancel()
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            interrupted = True
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stream failed after the response started", exc_info=task.exception())
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def dumps(data: Any) -> str:
