@@ -4,6 +4,7 @@ Format (ansible/benchmark.yml writes it from the inventory)::
 
     {"boards": [{"name": "board1", "url": "http://10.0.0.11:8080", "ram_mb": 8192}],
      "balancer_url": "http://10.0.0.2",            # optional
+     "balancer_api_key": "...",                    # optional, sent as a Bearer token
      "catalog": [{"name": "Qwen2.5-1.5B-Instruct", "expected_tokens_per_second": 16.3,
                   "memory_mb": 1659, ...}]}       # the rkllm_models_catalog entries
 """
@@ -52,6 +53,7 @@ class BenchPlan:
     boards: tuple[Board, ...]
     catalog: tuple[CatalogModel, ...]
     balancer_url: str | None = None
+    balancer_api_key: str | None = None
 
     def model(self, name: str) -> CatalogModel:
         return next((m for m in self.catalog if m.name == name), CatalogModel(name))
@@ -80,7 +82,8 @@ def parse_plan(data: dict[str, Any]) -> BenchPlan:
     if not boards:
         raise PlanError("benchmark plan: no boards")
     balancer = data.get("balancer_url")
-    return BenchPlan(boards, catalog, balancer.rstrip("/") if balancer else None)
+    return BenchPlan(boards, catalog, balancer.rstrip("/") if balancer else None,
+                     data.get("balancer_api_key") or None)
 
 
 def load_plan(path: Path) -> BenchPlan:

@@ -98,9 +98,11 @@ def bench_board(board: Board, max_tokens: int, repeat: int, timeout: float) -> B
     return BoardRun(board, driver, tuple(samples), tuple(errors))
 
 
-def bench_balancer(url: str, models: list[str], max_tokens: int, timeout: float) -> list[BalancerSample]:
+def bench_balancer(url: str, api_key: str | None, models: list[str], max_tokens: int,
+                   timeout: float) -> list[BalancerSample]:
     results: list[BalancerSample] = []
-    with httpx.Client(timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=timeout, headers=headers) as client:
         for model in models:
             for prompt in PROMPTS:
                 started = time.monotonic()
@@ -125,5 +127,6 @@ def run_plan(plan: BenchPlan, max_tokens: int, repeat: int, timeout: float) -> t
     with ThreadPoolExecutor(max_workers=min(8, len(plan.boards))) as pool:
         runs = list(pool.map(lambda b: bench_board(b, max_tokens, repeat, timeout), plan.boards))
     served = sorted({s.model for run in runs for s in run.samples})
-    through = bench_balancer(plan.balancer_url, served, max_tokens, timeout) if plan.balancer_url else []
+    through = (bench_balancer(plan.balancer_url, plan.balancer_api_key, served, max_tokens, timeout)
+               if plan.balancer_url else [])
     return runs, through
