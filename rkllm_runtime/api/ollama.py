@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -43,6 +44,7 @@ from rkllm_runtime.scheduler import Job, QueueFullError
 router = APIRouter(prefix="/api")
 
 NS = 1_000_000_000
+_PARAMETER_SIZE = re.compile(r"(\d+(?:\.\d+)?[BM])\b")
 
 
 class _Request(BaseModel):
@@ -130,14 +132,15 @@ def _now() -> str:
 
 
 def _details(model: ModelConfig) -> dict[str, Any]:
-    family = "qwen2"
+    family = model.name.split("-")[0].lower()
+    size = _PARAMETER_SIZE.search(model.name)
     return {
         "parent_model": "",
         "format": "rkllm",
         "family": family,
         "families": [family],
-        "parameter_size": "",
-        "quantization_level": "W8A8",
+        "parameter_size": size.group(1) if size else "",
+        "quantization_level": "W8A8",  # the only RKLLM quantisation the RK3588 NPU runs
     }
 
 
