@@ -106,7 +106,12 @@ def resolve_model(
             wants_reasoning = any(k.lower() in lowered for k in rules.reasoning_keywords) or (
                 rules.reasoning_min_chars > 0 and len(text) >= rules.reasoning_min_chars
             )
-        name = rules.reasoning if wants_reasoning else rules.quick
+        kind = "reasoning" if wants_reasoning else "quick"
+        preferred = config.model(rules.reasoning if wants_reasoning else rules.quick)
+        # A node without the preferred model serves with a model of the same kind, else any model.
+        same_kind = next((m for m in config.models if m.kind == kind), None)
+        fallback = preferred or same_kind or (config.models[0] if config.models else None)
+        name = fallback.name if fallback else requested
     model = config.model(name)
     if model is None:
         known = ", ".join([AUTO_MODEL, *(m.name for m in config.models)])

@@ -148,6 +148,14 @@ def test_auto_routes_by_request_fields_and_rules(start_server, make_model):
     assert low.model == QWEN, "an explicit field beats the keyword rule"
 
 
+def test_auto_falls_back_to_what_the_node_has(start_server, make_model):
+    server = start_server([model_entry(make_model, "Phi-3-mini", kind="quick")])
+    client = client_for(server)
+    assert client.chat.completions.create(model="auto", messages=user("hi")).model == "Phi-3-mini"
+    reasoning = client.chat.completions.create(model="auto", messages=user("hi"), reasoning_effort="high")
+    assert reasoning.model == "Phi-3-mini"
+
+
 def test_thinking_goes_to_reasoning_content(start_server, make_model):
     server = start_server(
         [model_entry(make_model, R1, kind="reasoning", template="deepseek-r1", think="true")]
