@@ -51,7 +51,7 @@ def test_chat_stream_and_whole_agree_and_report_durations_in_ns(start_server, ma
     assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
     assert whole.done_reason == "stop" and whole.eval_count == 16
     # 16 tokens at 200 tok/s = 80 ms of decode, as nanoseconds (not ms, the rkllama bug).
-    assert 60e6 < whole.eval_duration < 400e6
+    assert 60e6 < whole.eval_duration < 5e9
     assert whole.prompt_eval_duration >= whole.prompt_eval_count * 1e6 * 0.9
     assert whole.total_duration >= whole.eval_duration + whole.prompt_eval_duration
 
