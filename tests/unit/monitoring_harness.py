@@ -22,7 +22,7 @@ TEST_INVENTORY: dict[str, Any] = {
             "rkllm_boards": {
                 "hosts": {
                     "board1": {"ansible_host": "10.0.0.11"},
-                    "board2": {"ansible_host": "10.0.0.12", "monitoring_rkllm_server_port": 8090},
+                    "board2": {"ansible_host": "10.0.0.12", "rkllm_server_port": 8090},
                 }
             },
             "rkllm_balancers": {"hosts": {"balancer1": {"ansible_host": "10.0.0.2"}}},
