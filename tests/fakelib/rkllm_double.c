@@ -1197,6 +1197,13 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
         if (ts_cmp(now, ts_add_ms(due, interval_ms)) > 0)
             due = now;
     }
+    if (!strcmp(reason, "callback")) {
+        /* A client that pauses and aborts at once (stop flag, then rkllm_abort) ran into an abort. */
+        pthread_mutex_lock(&h->lock);
+        if (h->abort_requested)
+            reason = "abort";
+        pthread_mutex_unlock(&h->lock);
+    }
     struct timespec end = now_mono();
     RKLLMResult result;
     memset(&result, 0, sizeof result);
