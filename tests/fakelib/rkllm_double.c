@@ -82,7 +82,6 @@ struct double_handle {
     char *tool_name;
     lora_entry *loras;
     char *prompt_cache_path;
-    bool cross_attn_set;
 };
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -190,7 +189,7 @@ static bool utf8_valid(const char *s, size_t len)
     while (i < len) {
         unsigned char c = p[i];
         size_t extra = c < 0x80 ? 0 : (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2 : (c & 0xF8) == 0xF0 ? 3 : 9;
-        if (extra == 9 || i + extra >= len + (extra == 0))
+        if (extra == 9 || i + extra >= len)
             return false;
         for (size_t k = 1; k <= extra; k++)
             if ((p[i + k] & 0xC0) != 0x80)
@@ -1520,7 +1519,6 @@ EXPORT int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam *cr
     } else if (!h->params.extend_param.use_cross_attn) {
         fprintf(stderr, "E rkllm: cross attention is disabled (extend_param.use_cross_attn = 0)\n");
     } else {
-        h->cross_attn_set = true;
         log_event("CROSS_ATTN", h->id, "num_tokens=%d", c->num_tokens);
         rc = 0;
     }
