@@ -38,6 +38,11 @@ def stopped_early(finish_line: str) -> bool:
     return reason in ("abort", "callback") and generated < 40
 
 
+def first_token(stream) -> str:
+    """Read up to the first generated text (the role chunk comes before the run starts)."""
+    return next(c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content)
+
+
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -265,7 +270,7 @@ def test_queue_full_is_refused_at_once_with_retry_after_and_no_work(start_server
 
     client = client_for(server)
     running = client.chat.completions.create(model=QWEN, messages=user("first"), stream=True)
-    next(iter(running))
+    first_token(running)
     waiter_answer = []
     waiter = threading.Thread(
         target=lambda: waiter_answer.append(
@@ -301,7 +306,7 @@ def test_stream_disconnect_aborts_within_a_token(start_server, make_model, doubl
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=20, reply_tokens=400)])
     client = client_for(server)
     stream = client.chat.completions.create(model=QWEN, messages=user("long"), stream=True)
-    next(iter(stream))
+    first_token(stream)
     stream.close()
     finish = wait_until(lambda: log_lines(double_log, "FINISH"), timeout=10)
     assert stopped_early(finish[0])
@@ -336,7 +341,7 @@ def test_a_client_leaving_the_queue_never_reaches_the_handle(start_server, make_
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=20, reply_tokens=200)])
     client = client_for(server)
     running = client.chat.completions.create(model=QWEN, messages=user("first"), stream=True)
-    next(iter(running))
+    first_token(running)
     with server.http(timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
         impatient.post(
             "/v1/chat/completions", json={"model": QWEN, "messages": user("second"), "stream": True}
