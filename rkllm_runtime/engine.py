@@ -252,15 +252,17 @@ class Engine:
 
     async def _stop_and_wait(self, run: RequestRun) -> None:
         with self._state_lock:
-            run.request_stop("abort")
             if not run.started:
                 # Still queued behind another run: claim it so the worker skips it, and return
                 # now instead of waiting for the run ahead of it.
+                run.request_stop("abort")
                 run.started = True
                 return
             if self._active is run and self._handle is not None:
-                # Stops prefill too; the callback's return 1 only acts at the next token.
+                # Abort before the callback can see the stop flag: rkllm_abort also stops prefill,
+                # while the callback's return 1 would only pause at the next token.
                 self._library.abort(self._handle)
+            run.request_stop("abort")
         await _wait_even_if_cancelled(run.returned)
 
     def _run_on_worker(self, key: int, run: RequestRun) -> None:
@@ -294,8 +296,8 @@ class Engine:
         """Abort the generation currently running on the handle (its finish_reason is "abort")."""
         with self._state_lock:
             if self._active is not None and self._handle is not None:
-                self._active.request_stop("abort")
                 self._library.abort(self._handle)
+                self._active.request_stop("abort")
 
     # --- control calls --------------------------------------------------------------------------
     def _control(self, what: str, call: Callable[[int], int]) -> None:
