@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -101,10 +102,8 @@ def split_commands(line: str) -> list[list[str]]:
             commands[-1].append(token)
     simple = []
     for words in commands:
-        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]) and len(words) > 1:
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
             words = words[1:]
-        if len(words) == 1 and re.fullmatch(r"[A-Z_]+=.*", words[0]):
-            continue
         if words[:3] == ["ip", "netns", "exec"]:
             words = words[4:]
         if words:
@@ -125,9 +124,45 @@ def option_values(words: tuple[str, ...], *names: str) -> list[str]:
     return [words[i + 1] for i, word in enumerate(words[:-1]) if word in names]
 
 
-def run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+def syntax_check_argv() -> tuple[str, ...]:
+    return (str(BIN / "ansible-playbook"), "--syntax-check", "-i", EXAMPLE_INVENTORY, *playbooks_named())
+
+
+def adhoc_argvs() -> dict[str, tuple[str, ...]]:
+    return {words[1]: (str(BIN / "ansible"), words[1], "-i", EXAMPLE_INVENTORY, "--list-hosts")
+            for words in commands_of("ansible")}
+
+
+def inventory_argvs() -> list[tuple[str, ...]]:
+    return [(str(BIN / "ansible-inventory"),
+             *(EXAMPLE_INVENTORY if w == "inventory/production" else w for w in words[1:]))
+            for words in commands_of("ansible-inventory")]
+
+
+def simulator_commands() -> list[tuple[str, ...]]:
+    return commands_of("python3")
+
+
+def simulator_help_argv(words: tuple[str, ...]) -> tuple[str, ...]:
+    return (sys.executable, *words[1:], "--help")
+
+
+def make_argv(target: str) -> tuple[str, ...]:
+    return ("make", "-n", target)
+
+
+@cache
+def external_results() -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    """Every external command the tests need, run once and concurrently (each takes ~1 s)."""
+    argvs = sorted({syntax_check_argv(), *adhoc_argvs().values(), *inventory_argvs(),
+                    *map(simulator_help_argv, simulator_commands()), *map(make_argv, make_targets())})
+
+    def run(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+                              check=False)
+
+    with ThreadPoolExecutor(max_workers=len(argvs)) as pool:
+        return dict(zip(argvs, pool.map(run, argvs), strict=True))
 
 
 @cache
@@ -249,7 +284,7 @@ def test_playbooks_exist_and_pass_syntax_check() -> None:
             "ansible/monitoring.yml"} <= set(playbooks)
     missing = [p for p in playbooks if not (REPO_ROOT / p).is_file()]
     assert missing == []
-    result = run(str(BIN / "ansible-playbook"), "--syntax-check", "-i", EXAMPLE_INVENTORY, *playbooks)
+    result = external_results()[syntax_check_argv()]
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -269,18 +304,19 @@ def test_extra_vars_are_declared() -> None:
 
 
 def test_adhoc_patterns_match_the_example_inventory() -> None:
-    patterns = {words[1] for words in commands_of("ansible")}
+    patterns = adhoc_argvs()
     assert patterns
-    for pattern in sorted(patterns):
-        result = run(str(BIN / "ansible"), pattern, "-i", EXAMPLE_INVENTORY, "--list-hosts")
+    for pattern, argv in sorted(patterns.items()):
+        result = external_results()[argv]
         assert result.returncode == 0 and "hosts (0)" not in result.stdout, (pattern, result.stdout)
         assert "[WARNING]: Could not match" not in result.stderr, result.stderr
 
 
 def test_ansible_inventory_commands_work_on_the_example() -> None:
-    for words in commands_of("ansible-inventory"):
-        argv = [EXAMPLE_INVENTORY if w == "inventory/production" else w for w in words[1:]]
-        result = run(str(BIN / "ansible-inventory"), *argv)
+    argvs = inventory_argvs()
+    assert argvs
+    for argv in argvs:
+        result = external_results()[argv]
         assert result.returncode == 0, result.stderr
         assert "rkllm_boards" in result.stdout
 
@@ -348,16 +384,16 @@ def test_make_targets_exist() -> None:
     targets = make_targets()
     assert {"venv", "double"} <= targets
     for target in sorted(targets):
-        result = run("make", "-n", target)
+        result = external_results()[make_argv(target)]
         assert result.returncode == 0, f"make {target}: {result.stderr}"
 
 
 def test_simulator_commands_parse() -> None:
-    sim = commands_of("python3")
+    sim = simulator_commands()
     assert all(words[1:3] == ("-m", "tests.fleet.sim") for words in sim), sim
     assert {"up", "status", "down"} <= {w for words in sim for w in words[3:] if not w.startswith("-")}
     for words in sim:
-        result = run(sys.executable, *words[1:], "--help", timeout=30)
+        result = external_results()[simulator_help_argv(words)]
         assert result.returncode == 0, (words, result.stderr)
         assert flags(words) <= help_flags(result.stdout), words
 
