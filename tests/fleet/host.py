@@ -42,6 +42,19 @@ class HostSpec:
         return asdict(self)
 
 
+# Every booted systemd takes several inotify instances; the kernel default (128 per user, and all
+# containers run as host root) stops the fourth or fifth container with "Too many open files".
+INOTIFY_LIMITS = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 524288}
+
+
+def raise_inotify_limits() -> None:
+    """Raise (never lower) the host's inotify limits so many containers can boot."""
+    for key, wanted in INOTIFY_LIMITS.items():
+        setting = Path("/proc/sys") / key
+        if int(setting.read_text()) < wanted:
+            setting.write_text(str(wanted))
+
+
 def _proc_cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import fixtures, mirror, network, rootfs
 from .commands import SimError, log, run
-from .host import Host, HostSpec
+from .host import Host, HostSpec, raise_inotify_limits
 from .inventory import Tree, write_inventory
 from .teardown import teardown
 
@@ -216,6 +216,7 @@ class Fleet:
 
     def _boot(self, hosts: list[Host]) -> dict[str, float]:
         """Start all containers at once and wait for each; return per-host boot seconds."""
+        raise_inotify_limits()
         for host in hosts:
             host.start()
         with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
@@ -275,6 +276,7 @@ class Fleet:
 
     def start(self, name: str) -> float:
         host = self.board(name)
+        raise_inotify_limits()
         host.start()
         return host.wait_ready()
 
