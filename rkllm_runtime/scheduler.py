@@ -179,12 +179,15 @@ class Ticket:
         if self._released:
             return
         self._released = True
-        if self._granted_at is None:
-            assert self._future is not None
-            self._future.cancel()
-            self._queue._withdraw(self._future)
+        future = self._future
+        granted = future is None or (future.done() and not future.cancelled())
+        if granted:
+            # Also a turn granted while its holder was being cancelled: it must be passed on.
+            self._queue._pass_turn(time.monotonic() - (self._granted_at or time.monotonic()))
         else:
-            self._queue._pass_turn(time.monotonic() - self._granted_at)
+            assert future is not None
+            future.cancel()
+            self._queue._withdraw(future)
 
 
 class Scheduler:
