@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from rkllm_runtime.api import ollama, openai
-from rkllm_runtime.api.errors import EXCEPTION_HANDLERS
+from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
 from rkllm_runtime.errors import RkllmError
@@ -54,6 +54,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
         openapi_url=None,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
+    app.add_middleware(CatchAllMiddleware)
     app.state.scheduler = scheduler
     app.include_router(openai.router)
     app.include_router(ollama.router)

@@ -7,12 +7,16 @@ OpenAI routes (/v1/...) answer {"error": {"message", "type", "param", "code"}}; 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -85,14 +89,39 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request.url.path, bad_request(f"{param or 'body'}: {first['msg']}", param))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log (uvicorn prints it); the client gets the API's shape only.
-    return error_response(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}"))
-
-
 EXCEPTION_HANDLERS = {
     ApiError: _api_error,
     StarletteHTTPException: _http_error,
     RequestValidationError: _validation_error,
-    Exception: _unexpected_error,
 }
+
+
+class CatchAllMiddleware:
+    """Any unexpected exception becomes a 500 in the API's shape; the traceback goes to the log only.
+
+    (Starlette's own last-resort handler re-raises after answering, and uvicorn then resets the
+    connection, so the client might never read the answer.)
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error on %s", scope.get("path"))
+            if started:
+                raise  # the answer is half sent: only closing the connection is left
+            error = ApiError(500, f"internal error: {type(exc).__name__}")
+            await error_response(scope.get("path", ""), error)(scope, receive, send)

@@ -315,3 +315,21 @@ def test_a_pinned_model_cannot_be_unloaded_through_ollama(start_server, make_mod
         refused = http.post("/api/generate", json={"model": QWEN, "prompt": "", "keep_alive": 0})
         assert refused.status_code == 400 and "pinned" in refused.json()["error"]
         assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [QWEN]
+
+
+def test_an_internal_bug_is_a_json_500_without_traceback(start_server, make_model, monkeypatch):
+    server = start_server([model_entry(make_model, QWEN)])
+
+    def broken(model: str):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.scheduler, "admit", broken)
+    with server.http() as http:
+        openai_shape = chat(http)
+        ollama_shape = http.post(
+            "/api/chat", json={"model": QWEN, "messages": [{"role": "user", "content": "x"}]}
+        )
+    assert openai_shape.status_code == 500 and openai_shape.json()["error"]["type"] == "server_error"
+    assert ollama_shape.status_code == 500 and isinstance(ollama_shape.json()["error"], str)
+    for response in (openai_shape, ollama_shape):
+        assert "secret internals" not in response.text and "Traceback" not in response.text
