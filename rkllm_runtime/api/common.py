@@ -281,8 +281,17 @@ async def run_generation(generation: Generation, output: OutputAssembler) -> Asy
     yield Outcome(reason, prompt, generation.cached_tokens, completion, prefill_s, generate_s)
 
 
-async def collect(generation: Generation, output: OutputAssembler) -> tuple[Delta, Outcome]:
-    """The whole answer, for non-streaming responses."""
+async def collect_whole(
+    request: Request, generation: Generation, output: OutputAssembler
+) -> tuple[Delta, Outcome]:
+    """The whole answer, for non-streaming responses; the generation is closed whatever happens."""
+    try:
+        return await until_disconnect(request, _collect(generation, output))
+    finally:
+        await generation.aclose()
+
+
+async def _collect(generation: Generation, output: OutputAssembler) -> tuple[Delta, Outcome]:
     total = Delta()
     try:
         async with aclosing(run_generation(generation, output)) as items:

@@ -23,7 +23,7 @@ from rkllm_runtime.api.common import (
     Outcome,
     OutputAssembler,
     check_sampling,
-    collect,
+    collect_whole,
     dumps,
     read_json,
     reject_unsupported,
@@ -315,7 +315,7 @@ async def _respond(
     if body.stream:
         lines = _ndjson(generation, output, job, chat)
         return GuardedStream(lines, generation, media_type="application/x-ndjson")
-    total, outcome = await until_disconnect(request, collect(generation, output))
+    total, outcome = await collect_whole(request, generation, output)
     return JSONResponse(_final(generation, outcome, job, chat, total))
 
 

@@ -25,7 +25,7 @@ from rkllm_runtime.api.common import (
     Outcome,
     OutputAssembler,
     check_sampling,
-    collect,
+    collect_whole,
     dumps,
     read_json,
     reject_unsupported,
@@ -34,7 +34,6 @@ from rkllm_runtime.api.common import (
     run_generation,
     scheduler_of,
     start_generation,
-    until_disconnect,
 )
 from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
 from rkllm_runtime.chat import Message, ToolCall, tools_json
@@ -239,8 +238,8 @@ async def chat_completions(request: Request) -> Response:
         role="tool" if messages[-1].role == "tool" else "user",
         arrived=time.monotonic(),
     )
-    generation = await start_generation(request, model, job)
     output = OutputAssembler(config.think == "separate", bool(tools), body.stops())
+    generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, generation, output, body.stream, include_usage, _ChatShape())
 
@@ -260,8 +259,8 @@ async def completions(request: Request) -> Response:
     if not prompts[0]:
         raise bad_request("prompt: must not be empty", param="prompt")
     job = Job(prompt=prompts[0], max_tokens=body.max_tokens, arrived=time.monotonic())
-    generation = await start_generation(request, model, job)
     output = OutputAssembler(False, False, body.stops())
+    generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, generation, output, body.stream, include_usage, _CompletionShape())
 
@@ -349,7 +348,7 @@ async def _respond(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    total, outcome = await until_disconnect(request, collect(generation, output))
+    total, outcome = await collect_whole(request, generation, output)
     return JSONResponse(
         {
             "id": completion_id,

@@ -333,3 +333,12 @@ def test_an_internal_bug_is_a_json_500_without_traceback(start_server, make_mode
     assert ollama_shape.status_code == 500 and isinstance(ollama_shape.json()["error"], str)
     for response in (openai_shape, ollama_shape):
         assert "secret internals" not in response.text and "Traceback" not in response.text
+
+
+def test_a_request_refused_after_parsing_leaves_the_handle_free(start_server, make_model):
+    server = start_server([model_entry(make_model, QWEN)])
+    with server.http(timeout=5) as http:
+        refused = chat(http, stop=["a", "b", "c", "d", "e"])
+        assert refused.status_code == 400 and "stop" in refused.json()["error"]["message"]
+        assert chat(http).status_code == 200
+        assert 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
