@@ -175,13 +175,16 @@ class Ticket:
         assert self._granted_at is not None
         return self._granted_at - self._admitted
 
+    @property
+    def granted(self) -> bool:
+        return self._future is None or (self._future.done() and not self._future.cancelled())
+
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         future = self._future
-        granted = future is None or (future.done() and not future.cancelled())
-        if granted:
+        if self.granted:
             # Also a turn granted while its holder was being cancelled: it must be passed on.
             self._queue._pass_turn(time.monotonic() - (self._granted_at or time.monotonic()))
         else:
