@@ -342,3 +342,20 @@ def test_a_request_refused_after_parsing_leaves_the_handle_free(start_server, ma
         assert refused.status_code == 400 and "stop" in refused.json()["error"]["message"]
         assert chat(http).status_code == 200
         assert 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
+
+
+def test_a_full_npu_domain_evicts_an_idle_model(start_server, make_model, double_log, monkeypatch):
+    monkeypatch.setenv("RKLLM_DOUBLE_NPU_DOMAIN_MB", "1000")
+    server = start_server(
+        [
+            model_entry(make_model, QWEN, memory_mb=600),
+            model_entry(make_model, R1, kind="reasoning", template="deepseek-r1", memory_mb=600),
+        ],
+        base_domain_policy="shared",
+    )
+    with server.http() as http:
+        assert chat(http, QWEN).status_code == 200
+        answer = chat(http, R1)
+        assert answer.status_code == 200 and answer.json()["model"] == R1
+        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [R1]
+    assert any("INIT_FAILED" in line for line in double_log.read_text().splitlines())
