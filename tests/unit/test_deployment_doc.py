@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import json
 import re
 import shlex
 import subprocess
@@ -29,7 +28,6 @@ import pytest
 import yaml
 
 from rkllm_runtime.config import ModelConfig
-from rkllm_runtime.fleet_bench.plan import parse_plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOC = REPO_ROOT / "docs" / "DEPLOYMENT.md"
@@ -38,7 +36,7 @@ BIN = Path(sys.executable).parent
 COLLECTOR = "roles/monitoring/templates/rknpu-textfile-collector.sh.j2"
 ROLE_PREFIXES = ("rknpu_driver", "rkllm_lib", "rkllm_models", "rkllm_server", "rkllm_convert",
                  "nginx_lb", "fleet_firewall", "monitoring")
-PLAYBOOK_PREFIXES = {"rolling_update": "ansible/rolling_update.yml"}
+PLAYBOOK_PREFIXES = {"rolling_update": "ansible/rolling_update.yml", "bench": "ansible/benchmark.yml"}
 CONNECTION_VARS = {"ansible_host", "ansible_user", "ansible_port", "ansible_python_interpreter",
                    "ansible_ssh_private_key_file", "ansible_become"}
 # Commands the doc may use that the test cannot check beyond existing: standard tools on the
@@ -424,7 +422,3 @@ def test_rkllm_command_flags_exist(program: str) -> None:
         assert mentioned, f"the doc shows no {program} command"
 
 
-def test_bench_plan_example_parses() -> None:
-    plan_text = next(b.text for b in blocks() if b.language == "json" and '"boards"' in b.text)
-    plan = parse_plan(json.loads(plan_text))
-    assert plan.boards and plan.catalog
