@@ -1,0 +1,265 @@
+"""The fleet endpoint on the simulated fleet: 3 amd64 boards provisioned by site.yml, the balancer and
+firewalls by ansible/balancer.yml (applied twice), clients in the client network namespace.
+board1 hosts Qwen2.5-1.5B-Instruct and DeepSeek-R1-Distill-Qwen-1.5B, board2 and board3 only Qwen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fleet.sim import Fleet
+
+# Provisioning (site.yml) happens in the first test's setup and the rolling update re-runs the board
+# roles: both exceed the suite's default per-test timeout.
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
+QWEN, DEEPSEEK = "Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"
+BOARDS = ("board1", "board2", "board3")
+QUEUE_SIZE = 8  # rkllm-server's default per-model queue
+StopLoad = Callable[[], list[dict[str, object]]]
+
+
+def playbook(fleet: Fleet, path: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
+         path, *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    prefix = f"eb{os.getpid() % 0x10000:04x}"
+    inventory = tmp_path_factory.mktemp("fleet") / "inventory"
+    started = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
+    try:
+        (inventory / "host_vars").mkdir()
+        (inventory / "host_vars" / "board1.yml").write_text(
+            f"rkllm_models_enabled: [{QWEN}, {DEEPSEEK}]\n")
+        playbook(started, "site.yml")
+        playbook(started, "ansible/balancer.yml")
+        yield started
+    finally:
+        started.down()
+
+
+@pytest.fixture(scope="module")
+def second_firewall_run(fleet: Fleet) -> str:
+    """The balancer playbook (firewall + nginx) applied a second time over SSH."""
+    return playbook(fleet, "ansible/balancer.yml").stdout
+
+
+def base_url(fleet: Fleet) -> str:
+    return f"http://{fleet.balancer.address}"
+
+
+def client_load(fleet: Fleet, *args: str) -> dict[str, object]:
+    done = fleet.client_exec([sys.executable, str(LOAD_SCRIPT), base_url(fleet), *args], timeout=600)
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def background_load(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., StopLoad]]:
+    """start(concurrency, max_tokens) -> stop() returning the per-request records."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(concurrency: int = 3, max_tokens: int = 8) -> StopLoad:
+        stop_file = tmp_path / f"stop-{len(procs)}"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", fleet.client_netns, sys.executable, str(LOAD_SCRIPT), base_url(fleet),
+             "continuous", "--concurrency", str(concurrency), "--max-tokens", str(max_tokens),
+             "--seconds", "900", "--stop-file", str(stop_file)],
+            stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+
+        def stop() -> list[dict[str, object]]:
+            stop_file.touch()
+            out, _ = proc.communicate(timeout=180)
+            return json.loads(out)["records"]
+
+        return stop
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def board_metrics(fleet: Fleet, board: str) -> str:
+    return fleet.board(board).exec(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/metrics"]).stdout
+
+
+def metric_total(text: str, name: str, model: str = QWEN) -> float:
+    pattern = rf'^{name}\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def generated(fleet: Fleet, model: str = QWEN, boards: tuple[str, ...] = BOARDS) -> dict[str, float]:
+    return {b: metric_total(board_metrics(fleet, b), "rkllm_generation_tokens_total", model) for b in boards}
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {deadline_s}s: {what}"
+        time.sleep(0.2)
+
+
+def is_ready(fleet: Fleet, board: str) -> bool:
+    return fleet.board(board).exec(["curl", "-sf", "--max-time", "2", "http://127.0.0.1:8080/ready"],
+                                   check=False).returncode == 0
+
+
+def running(fleet: Fleet, board: str) -> float:
+    return metric_total(board_metrics(fleet, board), "rkllm_requests_running")
+
+
+def server_unit(fleet: Fleet, board: str, prop: str) -> str:
+    """A property of the rkllm-server unit on a board (MainPID, NRestarts, ...)."""
+    shown = fleet.board(board).exec(["systemctl", "show", "-p", prop, "--value", "rkllm-server"])
+    return shown.stdout.strip()
+
+
+def restarts(fleet: Fleet, board: str) -> int:
+    return int(server_unit(fleet, board, "NRestarts"))
+
+
+def failures(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [r for r in records if r.get("status") != 200 or not r.get("complete")]
+
+
+def test_openai_client_streams_through_nginx(fleet: Fleet) -> None:
+    deltas = client_load(fleet, "openai-stream")["deltas"]
+    assert len([d for d in deltas if d]) >= 4
+
+
+def test_a_batch_spreads_over_every_board(fleet: Fleet) -> None:
+    before = generated(fleet)
+    records = client_load(fleet, "batch", "--count", "12", "--max-tokens", "4")["records"]
+    assert failures(records) == []
+    after = generated(fleet)
+    shares = {b: after[b] - before[b] for b in BOARDS}
+    print(f"tokens per board for a batch of 12: {shares}")
+    assert all(share > 0 for share in shares.values()), shares
+
+
+def test_board_port_only_from_balancer_and_ssh_survives_second_apply(fleet: Fleet,
+                                                                     second_firewall_run: str) -> None:
+    assert re.search(r"board1\s+: ok=\d+\s+changed=0", second_firewall_run), second_firewall_run[-3000:]
+    board = fleet.board("board2").address
+    health = ["curl", "-sS", "--max-time", "3", f"http://{board}:8080/health"]
+    assert fleet.client_exec(health, check=False).returncode != 0
+    from_balancer = fleet.balancer.exec(health)
+    assert from_balancer.returncode == 0
+    ssh = subprocess.run(fleet.board("board2").ssh_args("true"), capture_output=True, timeout=30, check=False)
+    assert ssh.returncode == 0, ssh.stderr
+    tables = fleet.board("board2").exec(["nft", "list", "tables"]).stdout
+    assert tables.count("table inet rkllm_fleet") == 1
+
+
+def test_requests_for_a_model_land_only_on_boards_hosting_it(fleet: Fleet) -> None:
+    before = generated(fleet, DEEPSEEK)
+    records = client_load(fleet, "batch", "--model", DEEPSEEK, "--count", "4", "--max-tokens", "4")["records"]
+    assert failures(records) == []
+    after = generated(fleet, DEEPSEEK)
+    assert after["board1"] > before["board1"]
+    assert after["board2"] == before["board2"] == 0
+    assert after["board3"] == before["board3"] == 0
+
+
+def test_kill_9_of_a_server_under_load_fails_no_later_request(fleet: Fleet, background_load) -> None:
+    stop = background_load(concurrency=3)
+    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2")
+    restarts_before = restarts(fleet, "board2")
+    killed_at = time.time()
+    fleet.board("board2").exec(["kill", "-9", server_unit(fleet, "board2", "MainPID")])
+    wait_until(lambda: restarts(fleet, "board2") > restarts_before, "systemd restarts board2's server")
+    wait_until(lambda: is_ready(fleet, "board2"), "board2 ready again")
+    restarted_at = time.time()
+    # The restarted server starts its metrics at zero: tokens there mean nginx routes to it again.
+    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again")
+    records = stop()
+    later = [r for r in records if float(r["start"]) > killed_at]
+    print(f"kill -9: {len(records)} requests, {len(later)} after the kill, "
+          f"{len(failures(later))} of them failed; board2 back in {restarted_at - killed_at:.1f}s")
+    assert later and failures(later) == []
+
+
+def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) -> None:
+    stop = background_load(concurrency=3)
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    stopped_at = time.time()
+    fleet.stop("board3")
+    others = ("board1", "board2")
+    served_by_others = sum(generated(fleet, boards=others).values())
+    # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
+    wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
+               "the rest of the fleet serves while board3 is down")
+    fleet.start("board3")
+    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
+    # The firewall unit reloaded the table at boot.
+    assert "table inet rkllm_fleet" in fleet.board("board3").exec(["nft", "list", "tables"]).stdout
+    # board3 rebooted (its metrics restarted at zero): it serves again once nginx retries it.
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0, "board3 rejoins")
+    records = stop()
+    later = [r for r in records if float(r["start"]) > stopped_at]
+    print(f"board stop: {len(later)} requests after the stop, {len(failures(later))} failed")
+    assert later and failures(later) == []
+
+
+def test_overload_gives_only_200_or_503_with_retry_after(fleet: Fleet) -> None:
+    capacity = len(BOARDS) * (1 + QUEUE_SIZE)
+    peaks = dict.fromkeys(BOARDS, 0.0)
+    sampling = threading.Event()
+
+    def sample_queues() -> None:
+        while not sampling.is_set():
+            for board in BOARDS:
+                waiting = metric_total(board_metrics(fleet, board), "rkllm_requests_waiting")
+                peaks[board] = max(peaks[board], waiting)
+
+    sampler = threading.Thread(target=sample_queues)
+    sampler.start()
+    try:
+        records = client_load(fleet, "batch", "--count", str(4 * capacity), "--max-tokens", "8", "--stream")[
+            "records"]
+    finally:
+        sampling.set()
+        sampler.join()
+    statuses = sorted({r.get("status") for r in records}, key=str)
+    print(f"overload {4 * capacity} requests: statuses {statuses}, queue peaks {peaks}")
+    assert all("error" not in r for r in records), [r for r in records if "error" in r][:3]
+    assert {r["status"] for r in records} <= {200, 503}
+    assert all(int(r["retry_after"]) >= 1 for r in records if r["status"] == 503)
+    assert any(r["status"] == 200 for r in records) and any(r["status"] == 503 for r in records)
+    assert all(r["complete"] for r in records)
+    assert max(peaks.values()) <= QUEUE_SIZE
+
+
+def test_rolling_update_under_continuous_load_fails_nothing(fleet: Fleet, background_load) -> None:
+    pids_before = {b: server_unit(fleet, b, "MainPID") for b in BOARDS}
+    stop = background_load(concurrency=2)
+    started = time.monotonic()
+    playbook(fleet, "ansible/rolling_update.yml")
+    took = time.monotonic() - started
+    records = stop()
+    print(f"rolling update of {len(BOARDS)} boards in {took:.0f}s: {len(records)} requests during the "
+          f"update, {len(failures(records))} failed")
+    pids_after = {b: server_unit(fleet, b, "MainPID") for b in BOARDS}
+    assert all(pids_after[b] != pids_before[b] for b in BOARDS), "every server was restarted"
+    assert len(records) > 10
+    assert failures(records) == []
