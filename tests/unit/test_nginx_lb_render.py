@@ -7,6 +7,7 @@ queue_size 0, so a board running one generation of a model answers 503 "queue fu
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -28,6 +29,10 @@ from balancer_harness import (
     running_boards,
     running_nginx,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 FLEET = {
     "b1": [BoardModel("alpha"), BoardModel("beta"), BoardModel("delta")],
@@ -42,11 +47,34 @@ def boards(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) 
         yield started
 
 
+API_KEY = "sk-fleet.test_key-1"
+HTTPS_PORT = free_port()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="module")
 def balancers(tmp_path_factory: pytest.TempPathFactory,
               boards: dict[str, Board]) -> dict[str, RenderedBalancer]:
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    secured = {"nginx_lb_tls_certificate": str(cert), "nginx_lb_tls_certificate_key": str(key),
+               "nginx_lb_https_port": HTTPS_PORT, "nginx_lb_api_keys": [API_KEY],
+               "nginx_lb_rate_limit_enabled": True, "nginx_lb_rate_limit_rate": "1r/s",
+               "nginx_lb_rate_limit_burst": 2}
     return render_balancers(tmp_path_factory.mktemp("lb"), list(boards.values()),
-                            {"main": {}, "drained": {"nginx_lb_drained_boards": ["b2"]}})
+                            {"main": {}, "drained": {"nginx_lb_drained_boards": ["b2"]}, "secured": secured})
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +236,29 @@ def test_drained_board_receives_nothing(drained_balancer: RenderedBalancer, boar
             assert httpx.post(f"{base}/v1/chat/completions", json=chat(model), timeout=30).status_code == 200
         used = {port_of(boards, ua) for ua, _ in upstreams_since(drained_balancer, offset)}
     assert used == {"b1", "b3"}
+
+
+def test_tls_api_keys_and_rate_limit(balancers: dict[str, RenderedBalancer]) -> None:
+    with running_nginx(balancers["secured"]) as plain:
+        redirect = httpx.get(f"{plain}/v1/models")
+        assert redirect.status_code == 308
+        assert redirect.headers["location"] == f"https://127.0.0.1:{HTTPS_PORT}/v1/models"
+        secure = f"https://127.0.0.1:{HTTPS_PORT}"
+        with httpx.Client(verify=False, timeout=30) as client:
+            assert client.get(f"{secure}/healthz").status_code == 200  # no key needed
+            missing = client.get(f"{secure}/v1/models")
+            assert missing.status_code == 401
+            assert missing.headers["www-authenticate"].startswith("Bearer")
+            assert missing.json()["error"]["code"] == "invalid_api_key"
+            wrong = client.get(f"{secure}/v1/models", headers={"Authorization": f"Bearer {API_KEY}x"})
+            assert wrong.status_code == 401
+            authorized = {"Authorization": f"Bearer {API_KEY}"}
+            answered = client.post(f"{secure}/v1/chat/completions", json=chat("beta"), headers=authorized)
+            assert answered.status_code == 200
+            # 1 r/s with a burst of 2: a quick series of requests is cut off with 429 + Retry-After.
+            statuses = [client.get(f"{secure}/v1/models", headers=authorized) for _ in range(6)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited, [r.status_code for r in statuses]
+    for response in limited:
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "rate_limited"
