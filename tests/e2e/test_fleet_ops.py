@@ -16,10 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fleet.sim import Fleet
-from unit.monitoring_harness import PROMETHEUS, render_monitoring
+from unit.monitoring_harness import (
+    FAST_ALERTING,
+    board_down_alerts,
+    board_health,
+    render_monitoring,
+    running_prometheus,
+)
 from unit.server_harness import free_port, wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -76,22 +81,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 def prometheus(fleet: Fleet, tmp_path: Path) -> Iterator[str]:
     listen = f"127.0.0.1:{free_port()}"
     render = tmp_path / "prometheus"
-    run = render_monitoring(render, {
-        "monitoring_scrape_interval": "1s", "monitoring_evaluation_interval": "1s",
-        "monitoring_scrape_timeout": "1s", "monitoring_alert_board_down_for": "3s",
-        "monitoring_prometheus_listen_address": listen,
-    }, inventory=_inventory(fleet))
+    run = render_monitoring(render, {**FAST_ALERTING, "monitoring_prometheus_listen_address": listen},
+                            inventory=_inventory(fleet))
     assert run.returncode == 0, run.stdout + run.stderr
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={render / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address={listen}"], stdout=log, stderr=log)
-    log.close()
-    try:
-        yield f"http://{listen}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_prometheus(render / "prometheus.yml", tmp_path / "tsdb", listen) as url:
+        yield url
 
 
 def _inventory(fleet: Fleet) -> dict[str, Any]:
@@ -99,24 +93,6 @@ def _inventory(fleet: Fleet) -> dict[str, Any]:
         "rkllm_boards": {"hosts": {b.name: {"ansible_host": b.address} for b in fleet.boards}},
         "rkllm_balancers": {"hosts": {fleet.balancer.name: {"ansible_host": fleet.balancer.address}}},
     }}}
-
-
-def api(prometheus: str, path: str) -> Any:
-    try:
-        response = httpx.get(f"{prometheus}/api/v1/{path}", timeout=2.0)
-    except httpx.TransportError:
-        return None
-    return response.json()["data"] if response.status_code == 200 else None
-
-
-def board_health(prometheus: str) -> dict[str, str]:
-    targets = (api(prometheus, "targets") or {}).get("activeTargets", [])
-    return {t["labels"]["board"]: t["health"] for t in targets if t["labels"]["job"] == "rkllm"}
-
-
-def board_down_alerts(prometheus: str) -> dict[str, str]:
-    alerts = (api(prometheus, "alerts") or {}).get("alerts", [])
-    return {a["labels"]["board"]: a["state"] for a in alerts if a["labels"]["alertname"] == "RkllmBoardDown"}
 
 
 def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +32,12 @@ TEST_INVENTORY: dict[str, Any] = {
             "rkllm_monitor": {"hosts": {"balancer1": {}}},
         }
     }
+}
+
+# Scrape and evaluate every second and fire RkllmBoardDown after 3 s, for the live tests.
+FAST_ALERTING = {
+    "monitoring_scrape_interval": "1s", "monitoring_evaluation_interval": "1s",
+    "monitoring_scrape_timeout": "1s", "monitoring_alert_board_down_for": "3s",
 }
 
 TEST_CATALOG = [
@@ -57,3 +66,40 @@ def render_monitoring(
          "-e", json.dumps(variables)],
         capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
     )
+
+
+@contextmanager
+def running_prometheus(config: Path, data_dir: Path, listen: str) -> Iterator[str]:
+    """Debian's Prometheus binary on `listen` with a rendered configuration; yields its base URL."""
+    log = (data_dir.parent / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+         f"--web.listen-address={listen}"], stdout=log, stderr=log,
+    )
+    log.close()
+    try:
+        yield f"http://{listen}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def prometheus_api(prometheus: str, path: str) -> Any:
+    """`data` of a Prometheus API answer, or None while it is not answering."""
+    try:
+        response = httpx.get(f"{prometheus}/api/v1/{path}", timeout=2.0)
+    except httpx.TransportError:
+        return None
+    return response.json()["data"] if response.status_code == 200 else None
+
+
+def board_health(prometheus: str) -> dict[str, str]:
+    """Scrape health of each board's rkllm-server target."""
+    targets = (prometheus_api(prometheus, "targets") or {}).get("activeTargets", [])
+    return {t["labels"]["board"]: t["health"] for t in targets if t["labels"]["job"] == "rkllm"}
+
+
+def board_down_alerts(prometheus: str) -> dict[str, str]:
+    """State of RkllmBoardDown per board."""
+    alerts = (prometheus_api(prometheus, "alerts") or {}).get("alerts", [])
+    return {a["labels"]["board"]: a["state"] for a in alerts if a["labels"]["alertname"] == "RkllmBoardDown"}
