@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fixtures, mirror, network, rootfs
+from . import fixtures, mirror, native_nft, network, rootfs
 from .commands import SimError, log, run
 from .host import Host, HostSpec, raise_inotify_limits
 from .inventory import Tree, write_inventory
@@ -213,6 +213,8 @@ class Fleet:
         host.write_file("/etc/hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{names}")
         for path, content in fixture_files.items():
             host.write_file(path, content)
+        if host.spec.arch == "arm64":
+            native_nft.install(host.spec.root)
 
     def _boot(self, hosts: list[Host]) -> dict[str, float]:
         """Start all containers at once and wait for each; return per-host boot seconds."""

@@ -1,0 +1,85 @@
+"""The whole-fleet scenario on emulated arm64 boards, as an operator runs it: a cold `site.yml` on three
+bare boards (boards, balancer, firewalls, smoke), a second run that changes nothing, then a user's
+streamed chat through the balancer. Timings are printed; they are the README's site.yml numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet.sim import Fleet
+
+# Emulated arm64 runs Ansible at seconds per task: the cold run alone takes minutes.
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(3600)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def site_yml(fleet: Fleet) -> tuple[float, dict[str, int]]:
+    """Run site.yml; return its wall time and the changed count per host from the recap."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
+         "site.yml"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, check=False)
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    recap = {host: int(changed) for host, _ok, changed, _unreachable, _failed in RECAP.findall(result.stdout)}
+    assert recap, result.stdout[-3000:]
+    return seconds, recap
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    prefix = f"ea{os.getpid() % 0x10000:04x}"
+    inventory = tmp_path_factory.mktemp("arm64") / "inventory"
+    started = Fleet.up(arch="arm64", boards=3, prefix=prefix, inventory_dir=inventory)
+    try:
+        yield started
+    finally:
+        started.down()
+
+
+@pytest.fixture(scope="module")
+def cold_run(fleet: Fleet) -> tuple[float, dict[str, int]]:
+    return site_yml(fleet)
+
+
+def test_cold_site_yml_provisions_every_board(fleet: Fleet, cold_run: tuple[float, dict[str, int]],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    seconds, recap = cold_run
+    with capsys.disabled():
+        print(f"\n[arm64 fleet] cold site.yml on 3 boards + balancer: {seconds:.0f} s, changed {recap}")
+    assert {"board1", "board2", "board3", "balancer1"} <= recap.keys()
+    assert all(recap[b] > 0 for b in ("board1", "board2", "board3"))
+    for board in fleet.boards:
+        shown = board.exec(["systemctl", "show", "-p", "ActiveState,User", "rkllm-server"]).stdout
+        assert "ActiveState=active" in shown and "User=rkllm" in shown, shown
+        assert board.exec(["uname", "-m"]).stdout.strip() == "aarch64"
+
+
+def test_second_site_yml_changes_nothing(fleet: Fleet, cold_run: tuple[float, dict[str, int]],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    seconds, recap = site_yml(fleet)
+    with capsys.disabled():
+        print(f"\n[arm64 fleet] second site.yml: {seconds:.0f} s, changed {recap}")
+    assert recap and all(changed == 0 for changed in recap.values()), recap
+
+
+def test_a_user_streams_a_chat_answer_through_the_balancer(fleet: Fleet,
+                                                           cold_run: tuple[float, dict[str, int]]) -> None:
+    done = fleet.client_exec([sys.executable, str(LOAD_SCRIPT), f"http://{fleet.balancer.address}",
+                              "openai-stream"], timeout=300)
+    deltas = [d for d in json.loads(done.stdout)["deltas"] if d]
+    assert len(deltas) >= 4, deltas
+    board_port = ["curl", "-sS", "--max-time", "3", f"http://{fleet.boards[0].address}:8080/health"]
+    assert fleet.client_exec(board_port, check=False).returncode != 0, "a board's port is open to clients"
