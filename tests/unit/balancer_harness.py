@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,7 +67,8 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
     hosts: dict[str, object] = {}
     for variant, role_vars in variants.items():
         prefix = workdir / variant
-        port = free_port()
+        prefix.mkdir()  # the role writes into /etc/nginx, which the package creates
+        port = int(str(role_vars.get("nginx_lb_http_port", free_port())))
         hosts[variant] = {
             **local_host(),
             "nginx_lb_manage_service": False,
@@ -156,7 +158,9 @@ def running_nginx(balancer: RenderedBalancer) -> Iterator[str]:
             proc.wait()
 
 
-def reload_nginx(balancer: RenderedBalancer) -> None:
+def reload_nginx(balancer: RenderedBalancer, new_conf: Path) -> None:
+    """Install `new_conf` as the running nginx's config and reload it (graceful: old workers finish)."""
+    shutil.copyfile(new_conf, balancer.conf)
     subprocess.run(["nginx", "-c", str(balancer.conf), "-p", str(balancer.prefix), "-s", "reload"],
                    check=True, capture_output=True)
 

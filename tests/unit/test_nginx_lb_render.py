@@ -24,6 +24,7 @@ from balancer_harness import (
     access_log,
     free_port,
     nginx_check,
+    reload_nginx,
     render_balancer,
     render_balancers,
     running_boards,
@@ -73,8 +74,15 @@ def balancers(tmp_path_factory: pytest.TempPathFactory,
                "nginx_lb_https_port": HTTPS_PORT, "nginx_lb_api_keys": [API_KEY],
                "nginx_lb_rate_limit_enabled": True, "nginx_lb_rate_limit_rate": "1r/s",
                "nginx_lb_rate_limit_burst": 2}
-    return render_balancers(tmp_path_factory.mktemp("lb"), list(boards.values()),
-                            {"main": {}, "drained": {"nginx_lb_drained_boards": ["b2"]}, "secured": secured})
+    workdir = tmp_path_factory.mktemp("lb")
+    # "reloaded" is "main" with b3 drained: same port, logs and pid, so it can replace main's config.
+    main = workdir / "main"
+    same_as_main = {"nginx_lb_http_port": free_port(), "nginx_lb_pid_path": str(main / "nginx.pid"),
+                    "nginx_lb_log_dir": str(main / "log"), "nginx_lb_js_dir": str(main / "js"),
+                    "nginx_lb_state_dir": str(main / "state")}
+    return render_balancers(workdir, list(boards.values()), {
+        "main": same_as_main, "reloaded": {**same_as_main, "nginx_lb_drained_boards": ["b3"]},
+        "drained": {"nginx_lb_drained_boards": ["b2"]}, "secured": secured})
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +270,28 @@ def test_tls_api_keys_and_rate_limit(balancers: dict[str, RenderedBalancer]) -> 
     for response in limited:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "rate_limited"
+
+
+def test_draining_by_graceful_reload_keeps_the_running_stream(balancers: dict[str, RenderedBalancer]) -> None:
+    main = balancers["main"]
+    with running_nginx(main) as base, httpx.stream(
+        "POST", f"{base}/v1/chat/completions", json=chat("gamma", max_tokens=100, stream=True), timeout=30,
+    ) as running:
+        events = running.iter_lines()
+        assert running.status_code == 200
+        next(events)
+        # gamma lives only on b3; once b3 is drained the fleet has no board for it.
+        reload_nginx(main, balancers["reloaded"].conf)
+        # Until the new workers run, b3 itself answers "busy"; then nginx answers for the empty fleet.
+        deadline = time.monotonic() + 10
+        while True:
+            refused = httpx.post(f"{base}/v1/chat/completions", json=chat("gamma"), timeout=30)
+            assert refused.status_code == 503
+            if refused.json()["error"]["code"] == "fleet_busy":
+                break
+            assert time.monotonic() < deadline, "the reloaded configuration never took effect"
+        assert refused.headers["retry-after"] == "2"
+        rest = [line for line in events if line.startswith("data:")]
+    # The stream that was running on b3 went on to its end through the old worker.
+    assert rest[-1] == "data: [DONE]"
+    assert len([line for line in rest if '"content":"' in line and '"content":""' not in line]) >= 90
