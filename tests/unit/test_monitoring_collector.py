@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,10 @@ from monitoring_harness import render_monitoring
 from prometheus_client.parser import text_string_to_metric_families
 
 
-@pytest.fixture
-def collector(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """(script, fake debugfs dir, textfile dir)."""
+@pytest.fixture(scope="module")
+def rendered_collector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    tmp_path = tmp_path_factory.mktemp("collector")
     debugfs, textfile = tmp_path / "debugfs", tmp_path / "textfile"
-    debugfs.mkdir()
-    textfile.mkdir()
     run = render_monitoring(tmp_path / "render", {
         "monitoring_rknpu_load_path": str(debugfs / "load"),
         "monitoring_rknpu_freq_path": str(debugfs / "freq"),
@@ -24,6 +24,17 @@ def collector(tmp_path: Path) -> tuple[Path, Path, Path]:
     })
     assert run.returncode == 0, run.stdout + run.stderr
     return tmp_path / "render/rknpu-textfile-collector", debugfs, textfile
+
+
+@pytest.fixture
+def collector(rendered_collector: tuple[Path, Path, Path]) -> Iterator[tuple[Path, Path, Path]]:
+    """(script, empty fake debugfs dir, empty textfile dir), the script rendered once per module."""
+    _, debugfs, textfile = rendered_collector
+    debugfs.mkdir()
+    textfile.mkdir()
+    yield rendered_collector
+    shutil.rmtree(debugfs)
+    shutil.rmtree(textfile)
 
 
 def scrape(script: Path, textfile: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
