@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rkllm_runtime.chat import BUILTIN_TEMPLATES
 from rkllm_runtime.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,8 @@ BIN = Path(sys.executable).parent
 COLLECTOR = "roles/monitoring/templates/rknpu-textfile-collector.sh.j2"
 ROLE_PREFIXES = ("rknpu_driver", "rkllm_lib", "rkllm_models", "rkllm_server", "rkllm_convert",
                  "nginx_lb", "fleet_firewall", "monitoring")
-PLAYBOOK_PREFIXES = {"rolling_update": "ansible/rolling_update.yml", "bench": "ansible/benchmark.yml"}
+# Playbook-level knobs (not role variables), checked against the playbooks themselves.
+PLAYBOOK_PREFIXES = ("rolling_update", "bench")
 CONNECTION_VARS = {"ansible_host", "ansible_user", "ansible_port", "ansible_python_interpreter",
                    "ansible_ssh_private_key_file", "ansible_become"}
 # Commands the doc may use that the test cannot check beyond existing: standard tools on the
@@ -46,7 +48,7 @@ PLAIN_TOOLS = {"awk", "bash", "cat", "cp", "curl", "dmesg", "echo", "export", "g
                "uname", "ulimit", "."}
 VAULT_SUBCOMMANDS = {"create", "decrypt", "edit", "encrypt", "encrypt_string", "rekey", "view"}
 SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
-_PREFIX_ALTERNATIVES = "|".join(ROLE_PREFIXES + tuple(PLAYBOOK_PREFIXES))
+_PREFIX_ALTERNATIVES = "|".join(ROLE_PREFIXES + PLAYBOOK_PREFIXES)
 IDENTIFIER = re.compile(rf"\b((?:{_PREFIX_ALTERNATIVES})_[a-z0-9_]+)\b")
 
 
@@ -173,11 +175,15 @@ def declared_variables() -> frozenset[str]:
     return frozenset(names)
 
 
+@cache
+def playbook_texts() -> str:
+    paths = [REPO_ROOT / "site.yml", *sorted((REPO_ROOT / "ansible").glob("*.yml"))]
+    return "\n".join(path.read_text(encoding="utf-8") for path in paths)
+
+
 def is_declared(name: str) -> bool:
-    for prefix, playbook in PLAYBOOK_PREFIXES.items():
-        if name.startswith(prefix + "_"):
-            return re.search(rf"\b{name}\b", (REPO_ROOT / playbook).read_text(encoding="utf-8")) is not None
-    return name in declared_variables()
+    """A role variable with an argument spec, or a variable a playbook itself reads."""
+    return name in declared_variables() or re.search(rf"\b{name}\b", playbook_texts()) is not None
 
 
 def yaml_documents() -> list[object]:
@@ -269,7 +275,7 @@ def playbooks_named() -> list[str]:
         for word in words[1:]:
             if skip_next:
                 skip_next = False
-            elif word in {"-i", "-e", "--extra-vars", "--limit", "-l", "--tags", "-t"}:
+            elif word in {"-i", "-e", "--extra-vars", "--limit", "-l", "--tags", "-t", "-c", "--connection"}:
                 skip_next = True
             elif not word.startswith("-"):
                 names.append(word)
@@ -360,6 +366,8 @@ def test_catalog_snippet_entries_are_complete() -> None:
     for entry in (e for catalog in catalogs for e in catalog):
         assert set(required) <= set(entry), entry["name"]
         assert entry["kind"] in {"quick", "reasoning"}
+        # rkllm_server renders no custom [templates.*], so only built-in templates can serve.
+        assert entry.get("template", "chatml") in BUILTIN_TEMPLATES, entry["name"]
 
 
 def test_server_model_settings_are_server_config_keys() -> None:
