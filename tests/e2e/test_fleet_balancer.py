@@ -159,7 +159,9 @@ def test_a_batch_spreads_over_every_board(fleet: Fleet) -> None:
 
 def test_board_port_only_from_balancer_and_ssh_survives_second_apply(fleet: Fleet,
                                                                      second_firewall_run: str) -> None:
-    assert re.search(r"board1\s+: ok=\d+\s+changed=0", second_firewall_run), second_firewall_run[-3000:]
+    # Second application: nothing changes on any host (firewall and nginx are idempotent).
+    recap = dict(re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", second_firewall_run, re.M))
+    assert recap == {host: "0" for host in (*BOARDS, "balancer1")}, second_firewall_run[-3000:]
     board = fleet.board("board2").address
     health = ["curl", "-sS", "--max-time", "3", f"http://{board}:8080/health"]
     assert fleet.client_exec(health, check=False).returncode != 0
