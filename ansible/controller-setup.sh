@@ -15,6 +15,7 @@ packages=(
   debootstrap qemu-user-static binfmt-support systemd-container       # simulated boards
   iproute2 nftables                                                   # simulated network, firewall checks
   nginx libnginx-mod-http-js                                          # balancer config checks and bench
+  prometheus                                                          # promtool checks, alert tests
 )
 
 missing=()
@@ -26,8 +27,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# Installing nginx may start it on a systemd host; the controller only needs the binary.
-if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-  systemctl disable --now nginx >/dev/null 2>&1 || true
-fi
+# Installing nginx or prometheus may start them on a systemd host; the controller needs the binaries.
+for service in nginx prometheus; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl disable --now "$service" >/dev/null 2>&1 || true
+  fi
+done
 echo "controller-setup: Debian packages present"
