@@ -187,3 +187,19 @@ def test_cold_run_provisions_and_second_run_changes_nothing(site: SiteRunner, co
         show = ["systemctl", "show", "-p", "ActiveState,User", "rkllm-server"]
         shown = site.fleet.board(board).exec(show).stdout
         assert "ActiveState=active" in shown and "User=rkllm" in shown, shown
+
+
+def test_bad_model_checksum_leaves_the_installed_model_serving(site: SiteRunner, cold_run: SiteRun) -> None:
+    assert cold_run.returncode == 0, cold_run.output[-6000:]
+    inventory = yaml.safe_load(site.fleet.inventory_path.read_text())
+    good = inventory["all"]["vars"]["rkllm_models_catalog_overrides"]["Qwen2.5-1.5B-Instruct"]
+    wrong = "f" * 64
+    overrides = {"Qwen2.5-1.5B-Instruct": {"url": good["url"], "sha256": wrong}}
+    output = refused(site.run("-e", json.dumps({"rkllm_models_catalog_overrides": overrides})))
+    mismatch = r"rkllm_models: Qwen2.5-1.5B-Instruct from \S+ failed: sha256 did not match " + wrong
+    assert re.search(mismatch, output), output[-4000:]
+    model = "/opt/rkllm/models/Qwen2.5-1.5B-Instruct.rkllm"
+    for board in GOOD_BOARDS:
+        host = site.fleet.board(board)
+        assert host.exec(["sha256sum", model]).stdout.split()[0] == good["sha256"]
+        assert host.exec(["systemctl", "is-active", "rkllm-server"]).stdout.strip() == "active"
