@@ -30,7 +30,7 @@ demo: venv double
 bench: venv double
 	$(PY) bench/bench_binding.py 2>/dev/null
 	$(PY) bench/bench_server.py
-	$(PY) bench/bench_balancer.py
+	$(PY) -m bench.bench_balancer
 
 clean:
 	rm -rf build $(VENV)
