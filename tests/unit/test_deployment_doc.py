@@ -177,7 +177,7 @@ def declared_variables() -> frozenset[str]:
 
 @cache
 def playbook_texts() -> str:
-    paths = [REPO_ROOT / "site.yml", *sorted((REPO_ROOT / "ansible").glob("*.yml"))]
+    paths = [REPO_ROOT / "site.yml", *sorted((REPO_ROOT / "ansible").rglob("*.yml"))]
     return "\n".join(path.read_text(encoding="utf-8") for path in paths)
 
 
