@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e.playbooks import playbook
 from fleet.sim import Fleet
 
 # Emulated arm64 runs Ansible at seconds per task: the cold run alone takes minutes.
@@ -27,14 +27,10 @@ RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+f
 def site_yml(fleet: Fleet) -> tuple[float, dict[str, int]]:
     """Run site.yml; return its wall time and the changed count per host from the recap."""
     started = time.monotonic()
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
-         "site.yml"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, check=False)
+    output = playbook(fleet, "site.yml", timeout=2400).stdout
     seconds = time.monotonic() - started
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
-    recap = {host: int(changed) for host, _ok, changed, _unreachable, _failed in RECAP.findall(result.stdout)}
-    assert recap, result.stdout[-3000:]
+    recap = {host: int(changed) for host, _ok, changed, _unreachable, _failed in RECAP.findall(output)}
+    assert recap, output[-3000:]
     return seconds, recap
 
 

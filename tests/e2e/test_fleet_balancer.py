@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from e2e.playbooks import playbook
 from fleet.sim import Fleet
 
 # Provisioning (site.yml) happens in the first test's setup and the rolling update re-runs the board
@@ -28,16 +29,6 @@ QWEN, DEEPSEEK = "Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"
 BOARDS = ("board1", "board2", "board3")
 QUEUE_SIZE = 8  # rkllm-server's default per-model queue
 StopLoad = Callable[[], list[dict[str, object]]]
-
-
-def playbook(fleet: Fleet, path: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
-         path, *extra],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e.playbooks import playbook
 from fleet.sim import Fleet
 from unit.monitoring_harness import (
     FAST_ALERTING,
@@ -38,16 +37,6 @@ CATALOG = "\n".join([
       f" expected_tokens_per_second: {speed}}}"
       for name, size, memory, speed in ((QWEN, 1900, 1660, 16.3), (PHI, 3900, 3748, 7.5))],
 ]) + "\n"
-
-
-def playbook(fleet: Fleet, path: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
-         path, *extra],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    return result
 
 
 def controller_address(fleet: Fleet) -> str:
