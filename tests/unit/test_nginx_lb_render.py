@@ -48,7 +48,8 @@ def boards(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) 
         yield started
 
 
-API_KEY = "sk-fleet.test_key-1"
+# As long as `openssl rand -hex 32` makes them: long keys need a larger map hash bucket.
+API_KEY = "sk-" + "0123456789abcdef" * 4
 HTTPS_PORT = free_port()
 
 
