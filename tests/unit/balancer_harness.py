@@ -50,6 +50,7 @@ class RenderedBalancer:
     conf: Path
     port: int
     js: Path
+    status_port: int
 
 
 def free_port() -> int:
@@ -69,6 +70,8 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
         prefix = workdir / variant
         prefix.mkdir()  # the role writes into /etc/nginx, which the package creates
         port = int(str(role_vars.get("nginx_lb_http_port", free_port())))
+        # Balancers of one test may run side by side: each gets its own stub_status port too.
+        status_port = int(str(role_vars.get("nginx_lb_status_port", free_port())))
         hosts[variant] = {
             **local_host(),
             "nginx_lb_manage_service": False,
@@ -79,12 +82,13 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
             "nginx_lb_pid_path": str(prefix / "nginx.pid"),
             "nginx_lb_listen_addresses": ["127.0.0.1"],
             "nginx_lb_http_port": port,
+            "nginx_lb_status_port": status_port,
             "nginx_lb_user": "root",
             "nginx_lb_worker_processes": 2,
             **role_vars,
         }
         rendered[variant] = RenderedBalancer(prefix=prefix, conf=prefix / "nginx.conf", port=port,
-                                             js=prefix / "js" / "rkllm_route.js")
+                                             js=prefix / "js" / "rkllm_route.js", status_port=status_port)
     board_hosts = {b.name: {"ansible_host": b.address, "rkllm_server_port": b.port,
                             "rkllm_models_enabled": list(b.models)} for b in boards}
     inventory = {"all": {"children": {"rkllm_balancers": {"hosts": hosts},

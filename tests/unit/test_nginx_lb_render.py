@@ -83,7 +83,9 @@ def balancers(tmp_path_factory: pytest.TempPathFactory,
                     "nginx_lb_state_dir": str(main / "state")}
     return render_balancers(workdir, list(boards.values()), {
         "main": same_as_main, "reloaded": {**same_as_main, "nginx_lb_drained_boards": ["b3"]},
-        "drained": {"nginx_lb_drained_boards": ["b2"]}, "secured": secured})
+        "drained": {"nginx_lb_drained_boards": ["b2"]}, "secured": secured,
+        "status_elsewhere": {"nginx_lb_status_allowed_sources": ["192.0.2.7"]},
+        "no_status": {"nginx_lb_status_enabled": False}})
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,36 @@ def test_healthz_is_answered_by_nginx(lb: str) -> None:
     response = httpx.get(f"{lb}/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+def stub_status(balancer: RenderedBalancer) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{balancer.status_port}/nginx_status", timeout=5)
+
+
+def requests_served(status_page: str) -> int:
+    """The `requests` counter of a stub_status page (third number under "server accepts handled requests")."""
+    counters = re.search(r"server accepts handled requests\n\s*(\d+) (\d+) (\d+)", status_page)
+    assert counters is not None, status_page
+    return int(counters.group(3))
+
+
+def test_stub_status_counts_requests_on_its_own_loopback_server(balancer: RenderedBalancer, lb: str) -> None:
+    assert f"listen 127.0.0.1:{balancer.status_port};" in balancer.conf.read_text()
+    before = requests_served(stub_status(balancer).text)
+    assert httpx.get(f"{lb}/healthz").status_code == 200
+    # The /healthz request and this second status read.
+    assert requests_served(stub_status(balancer).text) == before + 2
+    # The API listener does not serve it (the path goes to the boards, which do not know it).
+    assert "Active connections" not in httpx.get(f"{lb}/nginx_status", timeout=10).text
+
+
+def test_stub_status_refuses_sources_not_listed_and_can_be_turned_off(
+        balancers: dict[str, RenderedBalancer]) -> None:
+    with running_nginx(balancers["status_elsewhere"]):
+        assert stub_status(balancers["status_elsewhere"]).status_code == 403
+    disabled = balancers["no_status"].conf.read_text()
+    assert "stub_status" not in disabled
+    assert f":{balancers['no_status'].status_port};" not in disabled
 
 
 def test_stream_passes_through_unbuffered(lb: str) -> None:
