@@ -54,7 +54,8 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
         openapi_url=None,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
-    app.add_middleware(CatchAllMiddleware)
+    # The failing request's model is unknown here; the error-ratio alert only sums per board.
+    app.add_middleware(CatchAllMiddleware, on_error=scheduler.metrics.rejected.labels("", "internal").inc)
     app.state.scheduler = scheduler
     app.include_router(openai.router)
     app.include_router(ollama.router)

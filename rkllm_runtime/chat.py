@@ -81,6 +81,16 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
         tool=("<｜User｜><tool_response>\n", "\n</tool_response>"),  # noqa: RUF001
         drop_history_thinking=True,
     ),
+    # Phi-3 (mini/small/medium instruct). No BOS text: like the model's own Hugging Face template,
+    # it leaves <s> to the tokenizer. Phi-3 has no tool role, so results come back in a user turn.
+    "phi3": ChatTemplate(
+        name="phi3",
+        bos="",
+        system=("<|system|>\n", "<|end|>\n"),
+        user=("<|user|>\n", "<|end|>\n"),
+        assistant=("<|assistant|>\n", "<|end|>\n"),
+        tool=("<|user|>\n<tool_response>\n", "\n</tool_response><|end|>\n"),
+    ),
 }
 
 

@@ -35,7 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to bind (default from config, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default from config, else 8080)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the configuration and exit (2 with the reason if it is invalid); "
+        "loads no library, so it can check a config before it is installed",
+    )
     return parser.parse_args(argv)
+
+
+def describe(config: ServerConfig) -> str:
+    models = ", ".join(f"{m.name} ({m.template})" for m in config.models) or "none"
+    return f"models: {models}; custom templates: {', '.join(sorted(config.templates)) or 'none'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         config = with_overrides(
             config, library=args.lib, host=args.host, port=args.port, models=dict(args.model)
         )
+        if args.check:
+            print(f"rkllm-server: config OK: {describe(config)}")
+            return 0
         from rkllm_runtime.app import create_app
 
         app = create_app(config)

@@ -34,7 +34,7 @@ Format (every key optional unless marked; values shown are the defaults)::
     kind = "quick"                   # "quick" | "reasoning"
     context_length = 4096            # max_context_len given to rkllm_init
     max_new_tokens = 2048            # per-request ceiling (max_tokens / num_predict are capped to it)
-    template = "chatml"              # "chatml" (Qwen) | "deepseek-r1" | a name from [templates]
+    template = "chatml"              # "chatml" (Qwen) | "deepseek-r1" | "phi3" | a name from [templates]
     system_prompt = ""               # used when a conversation brings no system message
     pinned = false                   # loaded at start, never evicted, checked by /ready
     base_domain_id = -1              # -1 = follow base_domain_policy
@@ -47,16 +47,21 @@ Format (every key optional unless marked; values shown are the defaults)::
     repeat_penalty = 1.1
     enabled_cpus_mask = 0xF0
 
-    [templates.my-template]          # optional custom chat templates, strings used verbatim
+    [templates.my-template]          # optional custom chat templates: a name of letters, digits,
+                                     # ".", "_", "-" that is not a built-in one; each turn is
+                                     # [prefix, suffix], strings used verbatim
     bos = ""
     system = ["<|im_start|>system\\n", "<|im_end|>\\n"]
-    user = ["<|im_start|>user\\n", "<|im_end|>\\n"]
-    assistant = ["<|im_start|>assistant\\n", "<|im_end|>\\n"]
+    user = ["<|im_start|>user\\n", "<|im_end|>\\n"]              # the prefix is required
+    assistant = ["<|im_start|>assistant\\n", "<|im_end|>\\n"]    # the prefix is required
     tool = ["<|im_start|>user\\n<tool_response>\\n", "\\n</tool_response><|im_end|>\\n"]
+                                     # optional; by default the user turn around
+                                     # "<tool_response>\\n" ... "\\n</tool_response>"
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -66,6 +71,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rkllm_runtime.chat import BUILTIN_TEMPLATES, ChatTemplate
 
 DEFAULT_LIBRARY = "/opt/rkllm/current/lib/librkllmrt.so"
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
@@ -93,7 +99,23 @@ class TemplateConfig(_Strict):
     system: tuple[str, str]
     user: tuple[str, str]
     assistant: tuple[str, str]
-    tool: tuple[str, str]
+    # Most models have no tool role: by default tool results come back inside a user turn.
+    tool: tuple[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> TemplateConfig:
+        # Without these the model gets no cue whose turn it is and answers for the user.
+        if not self.user[0]:
+            raise ValueError("the user turn needs a prefix (e.g. <|user|>\\n)")
+        if not self.assistant[0]:
+            raise ValueError("the assistant turn needs a prefix: it ends every prompt")
+        return self
+
+    def chat_template(self, name: str) -> ChatTemplate:
+        tool = self.tool or (f"{self.user[0]}<tool_response>\n", f"\n</tool_response>{self.user[1]}")
+        return ChatTemplate(
+            name=name, bos=self.bos, system=self.system, user=self.user, assistant=self.assistant, tool=tool
+        )
 
 
 class ModelConfig(_Strict):
@@ -141,6 +163,11 @@ class ServerConfig(_Strict):
             raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
         if "auto" in names:
             raise ValueError('"auto" is reserved for routing and cannot name a model')
+        for name in self.templates:
+            if name in BUILTIN_TEMPLATES:
+                raise ValueError(f"templates.{name}: {name!r} is built in; give your template another name")
+            if not _TEMPLATE_NAME.fullmatch(name):
+                raise ValueError(f"templates.{name}: a template name is letters, digits, '.', '_' or '-'")
         known = set(BUILTIN_TEMPLATES) | set(self.templates)
         for model in self.models:
             if model.template not in known:
@@ -156,14 +183,7 @@ class ServerConfig(_Strict):
         custom = self.templates.get(model.template)
         if custom is None:
             return BUILTIN_TEMPLATES[model.template]
-        return ChatTemplate(
-            name=model.template,
-            bos=custom.bos,
-            system=custom.system,
-            user=custom.user,
-            assistant=custom.assistant,
-            tool=custom.tool,
-        )
+        return custom.chat_template(model.template)
 
     def fixed_domain(self, model: ModelConfig) -> int | None:
         """The model's base_domain_id, or None when it is chosen at load time (first_fit)."""

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -98,8 +101,14 @@ class Metrics:
         r = self.registry
         self.running = Gauge("rkllm_requests_running", "Generations running", ["model"], registry=r)
         self.waiting = Gauge("rkllm_requests_waiting", "Requests queued for a handle", ["model"], registry=r)
+        # One counter for every request that got no answer, so the error-ratio alert needs one series:
+        # queue_full and model_unavailable are refused before any work (503), run_error failed in the
+        # runtime during generation, internal is a server bug (500).
         self.rejected = Counter(
-            "rkllm_requests_rejected", "Requests turned away", ["model", "reason"], registry=r
+            "rkllm_requests_rejected",
+            "Requests refused or failed, by reason (queue_full, model_unavailable, run_error, internal)",
+            ["model", "reason"],
+            registry=r,
         )
         self.prompt_tokens = Counter("rkllm_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
         self.generation_tokens = Counter("rkllm_generation_tokens", "Tokens generated", ["model"], registry=r)
@@ -141,10 +150,23 @@ class Metrics:
         self.model_load = Histogram(
             "rkllm_model_load_seconds", "rkllm_init duration", ["model"], buckets=_LOAD_BUCKETS, registry=r
         )
+        self.model_memory = Gauge(
+            "rkllm_model_memory_bytes",
+            "Memory of the model's handle as the runtime's perf stats last reported it; 0 once unloaded",
+            ["model"],
+            registry=r,
+        )
         r.register(_NodeCollector(config))
+        # The process metrics (process_start_time_seconds shows restarts) of the default registry,
+        # which this app's own registry does not include by itself.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        # Series exist from the start, so rate() and increase() see the first failure too.
         for model in config.models:
             self.running.labels(model.name).set(0)
             self.waiting.labels(model.name).set(0)
+            for reason in ("queue_full", "model_unavailable", "run_error"):
+                self.rejected.labels(model.name, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -103,6 +103,7 @@ class ModelRegistry:
         if model is not None:
             await asyncio.to_thread(model.engine.close)
             self._domains.release(name)
+            self._metrics.model_memory.labels(name).set(0)
             log.info("unloaded model %s", name)
 
     def _used_mb(self) -> int:

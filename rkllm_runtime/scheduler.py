@@ -282,6 +282,7 @@ class Scheduler:
         except RkllmError as exc:
             # RUN_ERROR leaves the handle usable; anything else (closed, busy, failed call) does not.
             model.poisoned = not isinstance(exc, RunError)
+            self.metrics.rejected.labels(name, "run_error").inc()
             raise
 
     def _observe_finish(self, name: str, event: FinishEvent, job: Job) -> None:
@@ -289,6 +290,8 @@ class Scheduler:
         self.metrics.prompt_tokens.labels(name).inc(perf.prefill_tokens)
         self.metrics.generation_tokens.labels(name).inc(perf.generate_tokens)
         self.metrics.e2e_latency.labels(name).observe(time.monotonic() - job.arrived)
+        if perf.memory_mb > 0:
+            self.metrics.model_memory.labels(name).set(perf.memory_mb * 1024 * 1024)
         if perf.generate_ms > 0:
             self.metrics.decode_rate.labels(name).observe(perf.decode_tokens_per_second)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -103,8 +104,9 @@ class CatchAllMiddleware:
     connection, so the client might never read the answer.)
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_error: Callable[[], None]) -> None:
         self.app = app
+        self._on_error = on_error  # counts the failure (metrics), whatever happens to the answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,6 +123,7 @@ class CatchAllMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             log.exception("unexpected error on %s", scope.get("path"))
+            self._on_error()
             if started:
                 raise  # the answer is half sent: only closing the connection is left
             error = ApiError(500, f"internal error: {type(exc).__name__}")

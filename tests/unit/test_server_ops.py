@@ -317,7 +317,7 @@ def test_a_pinned_model_cannot_be_unloaded_through_ollama(start_server, make_mod
         assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [QWEN]
 
 
-def test_an_internal_bug_is_a_json_500_without_traceback(start_server, make_model, monkeypatch):
+def test_an_internal_bug_is_a_counted_json_500_without_traceback(start_server, make_model, monkeypatch):
     server = start_server([model_entry(make_model, QWEN)])
 
     def broken(model: str):
@@ -329,6 +329,9 @@ def test_an_internal_bug_is_a_json_500_without_traceback(start_server, make_mode
         ollama_shape = http.post(
             "/api/chat", json={"model": QWEN, "messages": [{"role": "user", "content": "x"}]}
         )
+        values = samples(http.get("/metrics").text)
+    internal = frozenset({("model", ""), ("reason", "internal")})
+    assert values[("rkllm_requests_rejected_total", internal)] == 2, "the error-ratio alert sees bugs"
     assert openai_shape.status_code == 500 and openai_shape.json()["error"]["type"] == "server_error"
     assert ollama_shape.status_code == 500 and isinstance(ollama_shape.json()["error"], str)
     for response in (openai_shape, ollama_shape):
