@@ -1,11 +1,12 @@
 """docs/DEPLOYMENT.md against the repository: what can be checked without booting boards.
 
-Shell commands are the lines of the doc's ```sh blocks. Playbooks named there must exist and pass
+Shell commands are the lines of the doc's ```sh blocks (parsed by deployment_doc, which also knows
+which of them tests/e2e/test_deployment_commands.py runs and where). Playbooks named there must exist and pass
 `ansible-playbook --syntax-check` with the production example inventory; `make` targets must exist;
 simulator subcommands and rkllm-* flags must be accepted by the real parsers; ad-hoc host patterns
 must match the example inventory. Every variable the doc names (`-e`, YAML snippets, inline code)
 must be declared in a role's meta/argument_specs.yml (or, for playbook-level knobs, in that
-playbook). Running the commands against the simulated fleet is not done here.
+playbook). Every block follows the doc's convention for runnable blocks and stated outcomes.
 """
 
 from __future__ import annotations
@@ -18,20 +19,26 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
+from unit.deployment_doc import (
+    NOT_RUN_MARKER,
+    PLACE_MARKERS,
+    REPO_ROOT,
+    Place,
+    blocks,
+    doc_text,
+    shell_blocks,
+    shell_commands,
+)
 
 from rkllm_runtime.chat import BUILTIN_TEMPLATES
 from rkllm_runtime.config import ModelConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DOC = REPO_ROOT / "docs" / "DEPLOYMENT.md"
 EXAMPLE_INVENTORY = "inventory/production.example"
 BIN = Path(sys.executable).parent
 COLLECTOR = "roles/monitoring/templates/rknpu-textfile-collector.sh.j2"
@@ -52,37 +59,11 @@ _PREFIX_ALTERNATIVES = "|".join(ROLE_PREFIXES + PLAYBOOK_PREFIXES)
 IDENTIFIER = re.compile(rf"\b((?:{_PREFIX_ALTERNATIVES})_[a-z0-9_]+)\b")
 
 
-@dataclass(frozen=True)
-class Block:
-    language: str
-    text: str
-
-
 class _VaultTolerantLoader(yaml.SafeLoader):
     """Reads `!vault |` values (ansible-vault encrypt_string output) as plain strings."""
 
 
 _VaultTolerantLoader.add_constructor("!vault", lambda loader, node: loader.construct_scalar(node))
-
-
-@cache
-def doc_text() -> str:
-    return DOC.read_text(encoding="utf-8")
-
-
-@cache
-def blocks() -> tuple[Block, ...]:
-    return tuple(Block(m.group(1), m.group(2))
-                 for m in re.finditer(r"^```(\w*)\n(.*?)^```", doc_text(), re.MULTILINE | re.DOTALL))
-
-
-def shell_lines() -> Iterator[str]:
-    for block in blocks():
-        if block.language != "sh":
-            continue
-        for line in block.text.replace("\\\n", " ").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                yield line
 
 
 def split_commands(line: str) -> list[list[str]]:
@@ -113,7 +94,7 @@ def split_commands(line: str) -> list[list[str]]:
 
 @cache
 def commands() -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(words) for line in shell_lines() for words in split_commands(line))
+    return tuple(tuple(words) for command in shell_commands() for words in split_commands(command.text))
 
 
 def commands_of(program: str) -> list[tuple[str, ...]]:
@@ -264,6 +245,24 @@ def test_every_shell_command_is_a_known_program() -> None:
     unknown = sorted({c[0] for c in commands()} - checked - PLAIN_TOOLS)
     assert unknown == [], f"add a check for these commands or list them in PLAIN_TOOLS: {unknown}"
     assert len(commands()) > 30
+
+
+def test_shell_blocks_follow_the_run_convention() -> None:
+    placed = shell_blocks()
+    places = {block.place for block in placed}
+    assert {Place.CONTROLLER, Place.BOARD, Place.CLIENT, Place.NOT_RUN} <= places
+    runnable = [block for block in placed if block.runnable]
+    assert len(runnable) > len(placed) // 2, "most commands of the guide should run on the simulator"
+    assert any(command.fails for block in runnable for command in block.commands)
+    assert any(command.prints for block in runnable for command in block.commands)
+
+
+def test_doc_states_its_run_convention() -> None:
+    convention = re.search(r"<!--(.*?)-->", doc_text(), re.DOTALL)
+    assert convention is not None and doc_text().index("<!--") < doc_text().index("\n## ")
+    for marker in [*PLACE_MARKERS, "# prints:", "# fails:", "test_deployment_commands.py"]:
+        assert marker in convention.group(1), marker
+    assert NOT_RUN_MARKER in convention.group(1)
 
 
 # -- Ansible -------------------------------------------------------------------------------------
