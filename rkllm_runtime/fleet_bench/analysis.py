@@ -44,7 +44,8 @@ class Result:
     ttft_ms: float
     decode_tokens_per_second: float
     expected_tokens_per_second: float | None
-    memory_mb: int | None
+    memory_mb: int | None  # the catalog's figure
+    measured_memory_mb: float | None  # the runtime's perf stats on this board
     board_ram_mb: int | None
     driver: str | None
     causes: tuple[str, ...]
@@ -99,7 +100,8 @@ def analyse(plan: BenchPlan, runs: list[BoardRun], threshold: float) -> list[Res
                 board=run.board.name, model=model, samples=len(samples),
                 ttft_ms=median(s.ttft_s for s in comparable) * 1000,
                 decode_tokens_per_second=tokens_per_second, expected_tokens_per_second=expected,
-                memory_mb=entry.memory_mb, board_ram_mb=run.board.ram_mb, driver=run.driver,
+                memory_mb=entry.memory_mb, measured_memory_mb=run.memory_mb.get(model),
+                board_ram_mb=run.board.ram_mb, driver=run.driver,
                 causes=likely_causes(run.driver) if slow else (),
             ))
     return results

@@ -45,14 +45,15 @@ def _results_table(results: list[Result]) -> list[str]:
     lines = [
         "## Per board and model (runtime perf stats)", "",
         "| board | model | runs | TTFT ms (128-token prompt) | decode tokens/s | expected tokens/s "
-        "| % of expected | model memory MB | board RAM MB | rknpu driver |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| % of expected | model memory MB (catalog) | measured memory MB | board RAM MB | rknpu driver |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.board} | {r.model} | {r.samples} | {r.ttft_ms:.0f} | {r.decode_tokens_per_second:.1f} | "
             f"{_fmt(r.expected_tokens_per_second)} | {_fmt(r.ratio * 100 if r.ratio else None, 0)} | "
-            f"{r.memory_mb or '-'} | {r.board_ram_mb or '-'} | {r.driver or '-'} |"
+            f"{r.memory_mb or '-'} | {_fmt(r.measured_memory_mb, 0)} | {r.board_ram_mb or '-'} | "
+            f"{r.driver or '-'} |"
         )
     return [*lines, ""]
 
@@ -155,6 +156,8 @@ def write_charts(results: list[Result], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5))
     ax.bar(positions, [r.memory_mb or 0 for r in results], color="tab:purple", label="model memory (catalog)")
+    ax.scatter(positions, [r.measured_memory_mb or float("nan") for r in results], color="tab:orange",
+               marker="x", s=80, label="measured (runtime perf stats)", zorder=3)
     ax.scatter(positions, [r.board_ram_mb or float("nan") for r in results], color="black", marker="_", s=600,
                label="board RAM", zorder=3)
     ax.set(ylabel="MB", title="Model memory against board RAM")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -16,6 +17,7 @@ from rkllm_runtime.fleet_bench.prompts import PROMPTS, BenchPrompt
 
 NS = 1e9
 _DRIVER = re.compile(r'^rkllm_build_info\{[^}]*driver="([^"]*)"', re.MULTILINE)
+_MEMORY = re.compile(r'^rkllm_model_memory_bytes\{model="((?:[^"\\]|\\.)*)"\} (\S+)$', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class BoardRun:
     driver: str | None
     samples: tuple[Sample, ...]
     errors: tuple[str, ...]
+    # MB per model as the runtime's perf stats reported it after the model's prompts ran.
+    memory_mb: Mapping[str, float] = field(default_factory=dict)
 
 
 def _served_models(client: httpx.Client, board: Board) -> list[str]:
@@ -60,6 +64,18 @@ def _driver(client: httpx.Client, board: Board) -> str | None:
     except httpx.HTTPError:
         return None
     return match.group(1) if match and match.group(1) != "unknown" else None
+
+
+def _measured_memory_mb(client: httpx.Client, board: Board, model: str) -> float | None:
+    """The model's memory from the board's /metrics (the runtime's perf stats); None if not reported."""
+    try:
+        text = client.get(f"{board.url}/metrics").text
+    except httpx.HTTPError:
+        return None
+    for name, value in _MEMORY.findall(text):
+        if name == model and float(value) > 0:
+            return float(value) / 1048576
+    return None
 
 
 def _measure(client: httpx.Client, board: Board, model: str, prompt: BenchPrompt, max_tokens: int) -> Sample:
@@ -88,6 +104,7 @@ def bench_board(board: Board, max_tokens: int, repeat: int, timeout: float) -> B
         except httpx.HTTPError as exc:
             return BoardRun(board, None, (), (f"{board.name}: cannot list models: {exc}",))
         driver = _driver(client, board)
+        memory: dict[str, float] = {}
         for model in models:
             for prompt in PROMPTS:
                 for _ in range(repeat):
@@ -95,7 +112,11 @@ def bench_board(board: Board, max_tokens: int, repeat: int, timeout: float) -> B
                         samples.append(_measure(client, board, model, prompt, max_tokens))
                     except (httpx.HTTPError, KeyError, ValueError) as exc:
                         errors.append(f"{board.name} {model} {prompt.name}: {exc}")
-    return BoardRun(board, driver, tuple(samples), tuple(errors))
+            # Read now: loading the next model may evict this one (its memory then reads 0).
+            measured = _measured_memory_mb(client, board, model)
+            if measured is not None:
+                memory[model] = measured
+    return BoardRun(board, driver, tuple(samples), tuple(errors), memory)
 
 
 def bench_balancer(url: str, api_key: str | None, models: list[str], max_tokens: int,

@@ -76,7 +76,7 @@ def test_report_has_every_section_and_charts_are_pngs(tmp_path: Path) -> None:
     text = render_markdown(PLAN, results, through, ["board3: cannot list models"], ReportSettings(64, 1, 0.8))
     slow_section = text.split("## Boards below 80%")[1].split("##")[0]
     assert "**board2**" in slow_section and "board1" not in slow_section
-    assert "| board1 | Qwen2.5-1.5B-Instruct | 3 | 400 | 16.1 | 16.3 | 99 | 1659 | 8192 | 0.9.8 |" in text
+    assert "| board1 | Qwen2.5-1.5B-Instruct | 3 | 400 | 16.1 | 16.3 | 99 | 1659 | - | 8192 | 0.9.8 |" in text
     assert "| Qwen2.5-1.5B-Instruct | short-chat | 200 | 4.00 | 64 | 16.0 |" in text
     assert "| 503 |" in text
     assert "| 1.5B | Qwen2.5-1.5B | 412 | 16.32 | 1659 | Qwen2.5-1.5B-Instruct | 400 | 16.1 |" in text
