@@ -200,8 +200,10 @@ def parse_config(data: dict[str, object]) -> ServerConfig:
     try:
         return ServerConfig.model_validate(data)
     except ValidationError as exc:
+        # Our own checks' messages are complete sentences; pydantic prefixes them with "Value error, ".
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ConfigError(problems) from exc
 

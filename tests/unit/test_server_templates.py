@@ -73,8 +73,8 @@ def test_a_custom_template_without_a_tool_turn_returns_tool_results_in_a_user_tu
     [
         ({"phi3": GOOD_TURNS}, "'phi3' is built in"),
         ({"my template": GOOD_TURNS}, "letters, digits"),
-        ({"t": {**GOOD_TURNS, "assistant": ["", "\n"]}}, "templates.t: .*assistant turn needs a prefix"),
-        ({"t": {**GOOD_TURNS, "user": ["", "\n"]}}, "templates.t: .*user turn needs a prefix"),
+        ({"t": {**GOOD_TURNS, "assistant": ["", "\n"]}}, "^templates.t: the assistant turn needs a prefix"),
+        ({"t": {**GOOD_TURNS, "user": ["", "\n"]}}, "^templates.t: the user turn needs a prefix"),
         ({"t": {"system": ["S:", "\n"], "user": ["U:", "\n"]}}, r"templates\.t\.assistant: Field required"),
         ({"t": {**GOOD_TURNS, "user": ["U:"]}}, r"templates\.t\.user"),
         ({"t": {**GOOD_TURNS, "eos": "x"}}, r"templates\.t\.eos"),
