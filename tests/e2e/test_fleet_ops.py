@@ -1,29 +1,31 @@
-"""Operating the simulated fleet: 3 amd64 boards provisioned by site.yml and ansible/balancer.yml.
-The monitoring role installs the rknpu textfile collector on the boards (its packages need a
-Debian mirror the offline boards do not have, so only the collector part runs here).
-A real Prometheus on the controller, configured by the monitoring role's templates, scrapes the
-boards: stopping board2's server fires RkllmBoardDown, starting it clears the alert. rkllm-bench
-(ansible/benchmark.yml) flags board2, whose double decodes below 80 % of the catalog speed."""
+"""Operating the simulated fleet: 3 amd64 boards provisioned by site.yml and ansible/balancer.yml,
+then ansible/monitoring.yml as an operator runs it. The balancer doubles as the monitor host (group
+rkllm_monitor) and the images carry the Debian packages the role installs, so the role's installs are
+no-ops here and everything else (exporters, the rknpu collector timer, Prometheus with its rules)
+is applied for real. The test reads that Prometheus through an SSH tunnel: every target up, the
+NPU textfile reaching it, RkllmBoardDown firing when board2's server stops and clearing when it is
+back. rkllm-bench (ansible/benchmark.yml) flags board2, whose double decodes below 80 % of the
+catalog speed."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
+import re
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from urllib.parse import quote
 
 import pytest
+import yaml
 from e2e.playbooks import playbook
+from fleet.host import Host
 from fleet.sim import Fleet
-from unit.monitoring_harness import (
-    FAST_ALERTING,
-    board_down_alerts,
-    board_health,
-    render_monitoring,
-    running_prometheus,
-)
+from unit.monitoring_harness import FAST_ALERTING, board_down_alerts, board_health, prometheus_api
 from unit.server_harness import free_port, wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -37,6 +39,14 @@ CATALOG = "\n".join([
       f" expected_tokens_per_second: {speed}}}"
       for name, size, memory, speed in ((QWEN, 1900, 1660, 16.3), (PHI, 3900, 3748, 7.5))],
 ]) + "\n"
+# Seconds instead of minutes, so alerts and the collector timer are observable within a test.
+MONITORING_VARS = {**FAST_ALERTING, "monitoring_rknpu_collector_interval_seconds": 2}
+DEBUGFS = "/srv/fixtures/rknpu"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+COLLECTOR = "/usr/local/libexec/rknpu-textfile-collector"
+HOSTS = ("board1", "board2", "board3", "balancer1")
+RECAP = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=\d+\s+skipped=\d+\s+"
+                   r"rescued=(\d+)", re.M)
 
 
 def controller_address(fleet: Fleet) -> str:
@@ -53,9 +63,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for directory in ("group_vars", "host_vars"):
             (inventory / directory).mkdir()
         (inventory / "group_vars/rkllm_boards.yml").write_text(CATALOG)
-        # The controller scrapes and benchmarks the boards directly.
-        (inventory / "group_vars/all.yml").write_text(
-            f"fleet_firewall_serving_extra_sources: ['{controller_address(started)}']\n")
+        # The controller benchmarks the boards directly.
+        (inventory / "group_vars/all.yml").write_text(yaml.safe_dump({
+            "fleet_firewall_serving_extra_sources": [controller_address(started)], **MONITORING_VARS}))
         # board2 decodes at 9 tokens/s where 16.3 are expected: a board with unpinned clocks.
         (inventory / "host_vars/board2.yml").write_text("rkllm_server_environment: {RKLLM_DOUBLE_TPS: '9'}\n")
         (inventory / "host_vars/board3.yml").write_text(f"rkllm_models_enabled: [{PHI}]\n")
@@ -66,22 +76,95 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         started.down()
 
 
-@pytest.fixture
-def prometheus(fleet: Fleet, tmp_path: Path) -> Iterator[str]:
-    listen = f"127.0.0.1:{free_port()}"
-    render = tmp_path / "prometheus"
-    run = render_monitoring(render, {**FAST_ALERTING, "monitoring_prometheus_listen_address": listen},
-                            inventory=_inventory(fleet))
-    assert run.returncode == 0, run.stdout + run.stderr
-    with running_prometheus(render / "prometheus.yml", tmp_path / "tsdb", listen) as url:
+@dataclass(frozen=True)
+class MonitoringRuns:
+    """ansible/monitoring.yml in check mode, then twice for real; what check mode left behind."""
+
+    check_mode_traces: dict[str, str]
+    first: str
+    second: str
+
+
+@pytest.fixture(scope="module")
+def monitoring_runs(fleet: Fleet) -> MonitoringRuns:
+    for board in fleet.boards:
+        # Like debugfs on a real board: only root may read the rknpu files.
+        board.exec(["chmod", "0700", DEBUGFS])
+    playbook(fleet, "ansible/monitoring.yml", "--check")
+    board1, monitor = fleet.board("board1"), fleet.balancer
+    traces = {
+        "collector script": board1.exec(["ls", COLLECTOR], check=False).stdout,
+        "prometheus": monitor.exec(["systemctl", "is-active", "prometheus"], check=False).stdout.strip(),
+        "rules": monitor.exec(["ls", "/etc/prometheus/rules"], check=False).stdout,
+    }
+    first = playbook(fleet, "ansible/monitoring.yml").stdout
+    second = playbook(fleet, "ansible/monitoring.yml").stdout
+    return MonitoringRuns(traces, first, second)
+
+
+@contextmanager
+def ssh_tunnel(host: Host, remote: str) -> Iterator[str]:
+    """`ssh -L` from the controller to `remote` as seen on host (how an operator opens Prometheus)."""
+    port = free_port()
+    ssh = host.ssh_args()
+    forward = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{port}:{remote}"]
+    process = subprocess.Popen([ssh[0], *forward, *ssh[1:]], stdin=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prometheus(fleet: Fleet, monitoring_runs: MonitoringRuns) -> Iterator[str]:
+    """The Prometheus the role runs on the monitor host (listening on its loopback)."""
+    with ssh_tunnel(fleet.balancer, "127.0.0.1:9090") as url:
+        wait_until(lambda: prometheus_api(url, "status/buildinfo") is not None, timeout=30, interval=0.5)
         yield url
 
 
-def _inventory(fleet: Fleet) -> dict[str, Any]:
-    return {"all": {"children": {
-        "rkllm_boards": {"hosts": {b.name: {"ansible_host": b.address} for b in fleet.boards}},
-        "rkllm_balancers": {"hosts": {fleet.balancer.name: {"ansible_host": fleet.balancer.address}}},
-    }}}
+def target_health(prometheus: str) -> dict[tuple[str, str], str]:
+    targets = (prometheus_api(prometheus, "targets") or {}).get("activeTargets", [])
+    return {(t["labels"]["job"], t["labels"].get("board", "")): t["health"] for t in targets}
+
+
+def sample(prometheus: str, expression: str) -> dict[str, float]:
+    """Value per board of an instant query."""
+    result = (prometheus_api(prometheus, f"query?query={quote(expression)}") or {}).get("result", [])
+    return {r["metric"].get("board", ""): float(r["value"][1]) for r in result}
+
+
+def changed_and_rescued(output: str) -> dict[str, tuple[int, int]]:
+    return {host: (int(changed), int(rescued)) for host, changed, rescued in RECAP.findall(output)}
+
+
+def task_results(output: str, task: str) -> list[str]:
+    """The per-host result lines ("ok: [board1]") of one task of a playbook run."""
+    section = output.split(f"TASK [monitoring : {task}]", 1)[1].split("TASK [", 1)[0]
+    return sorted(re.findall(r"^(\w+): \[(\S+)\]", section, re.M))
+
+
+def test_monitoring_playbook_installs_nothing_here_and_is_idempotent(monitoring_runs: MonitoringRuns) -> None:
+    nothing_applied = {"collector script": "", "prometheus": "inactive", "rules": ""}
+    assert monitoring_runs.check_mode_traces == nothing_applied
+    # The packages are in the images: the install task finds them, the lists are never refreshed.
+    assert task_results(monitoring_runs.first, "Install from the current package lists") == [
+        ("ok", host) for host in sorted(HOSTS)]
+    first = changed_and_rescued(monitoring_runs.first)
+    assert set(first) == set(HOSTS)
+    assert all(changed > 0 and rescued == 0 for changed, rescued in first.values()), first
+    assert changed_and_rescued(monitoring_runs.second) == {host: (0, 0) for host in HOSTS}
+
+
+def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prometheus: str) -> None:
+    expected = {("prometheus", ""): "up", ("nginx", "balancer1"): "up",
+                **{("rkllm", b.name): "up" for b in fleet.boards},
+                **{("node", host): "up" for host in HOSTS}}
+    wait_until(lambda: target_health(prometheus) == expected, timeout=60, interval=0.5)
+    # The nginx exporter reads the balancer's stub_status (nginx_up is 0 when it cannot).
+    assert sample(prometheus, "nginx_up") == {"balancer1": 1.0}
+    assert sample(prometheus, "nginx_connections_accepted")["balancer1"] >= 1
 
 
 def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str) -> None:
@@ -97,6 +180,28 @@ def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus
     assert board_health(prometheus) == all_up
 
 
+def test_root_only_npu_files_reach_prometheus_through_the_collector_timer(fleet: Fleet,
+                                                                          prometheus: str) -> None:
+    board1 = fleet.board("board1")
+    # node_exporter's user cannot read the NPU files; the root collector writes what it may read.
+    as_exporter = board1.exec(["runuser", "-u", "prometheus", "--", "cat", f"{DEBUGFS}/load"], check=False)
+    assert as_exporter.returncode != 0
+    assert board1.exec(["stat", "-c", "%U %a", TEXTFILE_DIR, f"{TEXTFILE_DIR}/rknpu.prom"]).stdout == \
+        "root 755\nroot 644\n"
+    assert board1.exec(["systemctl", "is-active", "rknpu-textfile-collector.timer"]).stdout == "active\n"
+    every_board = {b.name: 1.0 for b in fleet.boards}
+    wait_until(lambda: sample(prometheus, 'rknpu_collector_file_readable{file="load"}') == every_board,
+               timeout=60, interval=0.5)
+    assert sample(prometheus, "rknpu_driver_version_code") == {b.name: 908.0 for b in fleet.boards}
+    # The timer keeps the file current: a new load on board1 reaches Prometheus.
+    board1.exec(["sh", "-c", f"echo 'NPU load:  Core0:  0%, Core1: 37%, Core2:  0%,' > {DEBUGFS}/load"])
+    try:
+        core1 = 'rknpu_load_percent{board="board1",core="1"}'
+        wait_until(lambda: sample(prometheus, core1) == {"board1": 37.0}, timeout=60, interval=0.5)
+    finally:
+        board1.exec(["sh", "-c", f"echo 'NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,' > {DEBUGFS}/load"])
+
+
 def test_benchmark_flags_the_slow_board(fleet: Fleet, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     playbook(fleet, "ansible/benchmark.yml", "-e", json.dumps({"bench_output_dir": str(out),
@@ -110,18 +215,3 @@ def test_benchmark_flags_the_slow_board(fleet: Fleet, tmp_path: Path) -> None:
     assert len(through) == 6 and all(" | 200 | " in line for line in through)
     for chart in ("tokens_per_second.png", "ttft.png", "memory.png"):
         assert (out / chart).stat().st_size > 5000
-
-
-def test_rknpu_textfile_collector_runs_on_the_boards(fleet: Fleet) -> None:
-    fixtures = "/srv/fixtures/rknpu"
-    playbook(fleet, "ansible/monitoring.yml", "--tags", "monitoring_rknpu", "-e", json.dumps({
-        "monitoring_rknpu_load_path": f"{fixtures}/load", "monitoring_rknpu_freq_path": f"{fixtures}/freq",
-        "monitoring_rknpu_version_path": f"{fixtures}/version",
-    }))
-    for board in fleet.boards:
-        timer = board.exec(["systemctl", "is-active", "rknpu-textfile-collector.timer"], check=False)
-        assert timer.stdout.strip() == "active"
-        published = board.exec(["cat", "/var/lib/prometheus/node-exporter/rknpu.prom"]).stdout
-        assert "rknpu_driver_version_code 908" in published
-        assert 'rknpu_load_percent{core="2"}' in published
-        assert 'rknpu_collector_file_readable{file="version"} 1' in published

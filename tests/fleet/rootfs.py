@@ -1,7 +1,8 @@
 """Build and cache the Debian 12 root filesystems the simulated hosts boot from.
 
-The base image (per arch) is a debootstrap tree; the balancer adds a layer (an overlayfs upper dir
-holding nginx) stacked on the same base, so nginx is preinstalled there without a second debootstrap.
+The base image (per arch) is a debootstrap tree; boards and the balancer each add a layer (an overlayfs
+upper dir) stacked on the same base, so their packages are preinstalled without a second debootstrap:
+the offline hosts then hold what the roles would apt-get, and the roles' install tasks change nothing.
 Everything is built in a temp dir and renamed into place, so an interrupted build leaves no cache.
 """
 
@@ -37,7 +38,17 @@ BASE_PACKAGES = (
     # become_user to an unprivileged user needs setfacl for Ansible's temp files.
     "acl",
 )
-LAYER_PACKAGES = {"balancer": ("nginx", "libnginx-mod-http-js")}
+# The monitoring role's packages: node_exporter everywhere, and the balancer doubles as the monitor host
+# (Prometheus + promtool). amd64 balancer, so only node_exporter is ever installed under qemu.
+LAYER_PACKAGES = {
+    "board": ("prometheus-node-exporter",),
+    "balancer": ("nginx", "libnginx-mod-http-js", "prometheus-node-exporter", "prometheus-nginx-exporter",
+                 "prometheus"),
+}
+# Installing these enables them; they stay off until the monitoring role turns them on, so hosts that
+# are not monitored boot and run as before.
+LAYER_DISABLED_UNITS = ("prometheus.service", "prometheus-node-exporter.service",
+                        "prometheus-nginx-exporter.service")
 
 # Units that only cost boot time (or fail) in a container without hardware or a console.
 MASKED_UNITS = (
@@ -203,6 +214,9 @@ def _build_layer(base: Path, upper: Path, work: Path, merged: Path, packages: tu
                      *packages], env=env)
             finally:
                 run(["umount", str(merged / "var/cache/apt/archives")], check=False)
+        installed = [unit for unit in LAYER_DISABLED_UNITS if (merged / "lib/systemd/system" / unit).exists()]
+        if installed:
+            run(["systemctl", f"--root={merged}", "disable", *installed])
         policy.unlink()
     finally:
         run(["umount", str(merged)], check=False)
@@ -215,7 +229,8 @@ def layered_image(arch: str, flavor: str) -> Image:
     if not packages:
         return Image(arch, flavor, (base,))
     root = cache_dir()
-    final = root / "layers" / f"{arch}-{flavor}-{_key(base.name, BUILD_SCRIPT_VERSION, packages)}"
+    key = _key(base.name, BUILD_SCRIPT_VERSION, packages, LAYER_DISABLED_UNITS)
+    final = root / "layers" / f"{arch}-{flavor}-{key}"
     if final.is_dir():
         return Image(arch, flavor, (final, base))
     with _build_lock(root):

@@ -259,6 +259,8 @@ class Fleet:
                 "rkllm_boards": {"hosts": {h.name: {"ansible_host": h.address} for h in self.boards},
                                  "vars": board_vars},
                 "rkllm_balancers": {"hosts": {BALANCER_NAME: {"ansible_host": self.balancer.address}}},
+                # The balancer doubles as the monitor host: its image holds Prometheus.
+                "rkllm_monitor": {"hosts": {BALANCER_NAME: {}}},
             },
         }}
         return write_inventory(directory, tree)

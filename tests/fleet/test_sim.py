@@ -82,11 +82,24 @@ def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
     assert boards["vars"]["rknpu_driver_require_aarch64"] is False
     assert boards["vars"]["rknpu_driver_debugfs_dir"] == "/srv/fixtures/rknpu"
     assert set(inventory["children"]["rkllm_balancers"]["hosts"]) == {"balancer1"}
+    assert set(inventory["children"]["rkllm_monitor"]["hosts"]) == {"balancer1"}
     variables = inventory["vars"]
     assert variables["rkllm_lib_sha256"] == hashlib.sha256(LIBRARY_BYTES).hexdigest()
     assert variables["rkllm_lib_url"].startswith(variables["fleet_sim_mirror_url"])
     assert variables["rkllm_lib_url"].endswith("/librkllm_api/aarch64/librkllmrt.so")
     assert set(variables["rkllm_models_catalog_overrides"]) == {"Tiny-Test-Model"}
+
+
+def test_monitoring_packages_are_preinstalled_and_left_off(fleet: Fleet) -> None:
+    installed = {"board1": ["prometheus-node-exporter"],
+                 "balancer1": ["prometheus-node-exporter", "prometheus-nginx-exporter", "prometheus"]}
+    for name, packages in installed.items():
+        host = fleet.board(name)
+        status = host.exec(["dpkg-query", "-W", "-f=${Status}\n", *packages]).stdout
+        assert status == "install ok installed\n" * len(packages), f"{name}: {status}"
+        enabled = host.exec(["systemctl", "is-enabled", *packages], check=False).stdout
+        assert enabled == "disabled\n" * len(packages), f"{name}: {enabled}"
+    assert fleet.balancer.exec(["promtool", "--version"]).returncode == 0
 
 
 def test_board_fixtures_follow_overrides(fleet: Fleet) -> None:
