@@ -67,6 +67,8 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """Every pinned (and every loaded) model answers a one-token generation; failures re-init."""
+        if scheduler.draining():
+            return JSONResponse({"status": "draining", "models": {}}, status_code=503)
         names = {m.name for m in config.models if m.pinned} | {
             m.config.name for m in scheduler.registry.loaded()
         }

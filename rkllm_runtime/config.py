@@ -15,6 +15,9 @@ Format (every key optional unless marked; values shown are the defaults)::
     think = "separate"               # "separate": <think> text goes to reasoning_content / thinking;
                                      # "inline": it stays in the content
     retry_after_max_seconds = 30     # cap of the Retry-After estimate sent with 503
+    drain_file = ""                  # while this file exists the node is draining: new requests get
+                                     # 503 "draining" (the balancer retries them on another board),
+                                     # admitted ones finish, /ready says 503; "" = no drain switch
 
     [rknpu]
     load_path = "/sys/kernel/debug/rknpu/load"        # "NPU load:  Core0: 12%, Core1:  0%, ..."
@@ -150,6 +153,7 @@ class ServerConfig(_Strict):
     base_domain_policy: Literal["first_fit", "shared", "per_model"] = "first_fit"
     think: Literal["separate", "inline"] = "separate"
     retry_after_max_seconds: int = Field(default=30, ge=1)
+    drain_file: str = ""
     rknpu: RknpuPaths = RknpuPaths()
     routing: RoutingRules = RoutingRules()
     templates: dict[str, TemplateConfig] = Field(default_factory=dict)

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, GenerationRequest, TokenEvent
@@ -23,14 +24,39 @@ from rkllm_runtime.metrics import Metrics
 from rkllm_runtime.registry import EngineFactory, LoadedModel, ModelRegistry
 
 PROBE_PROMPT = "ping"
+# A drain usually ends with a restart that takes a few seconds.
+DRAINING_RETRY_AFTER_SECONDS = 5
 
 
-class QueueFullError(Exception):
+class AdmissionRefusedError(Exception):
+    """Refused before any work was done: the balancer may send the request to another board."""
+
+    code = "refused"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFullError(AdmissionRefusedError):
+    code = "queue_full"
+
     def __init__(self, model: str, waiting: int, retry_after: int) -> None:
         super().__init__(
-            f"model {model} is busy: {waiting} requests already waiting; retry in {retry_after} s"
+            f"model {model} is busy: {waiting} requests already waiting; retry in {retry_after} s",
+            retry_after,
         )
-        self.retry_after = retry_after
+
+
+class DrainingError(AdmissionRefusedError):
+    code = "draining"
+
+    def __init__(self, drain_file: Path) -> None:
+        super().__init__(
+            f"this board is draining for maintenance ({drain_file} exists) and takes no new requests; "
+            "retry on another board",
+            DRAINING_RETRY_AFTER_SECONDS,
+        )
 
 
 class ContextOverflowError(Exception):
@@ -204,8 +230,16 @@ class Scheduler:
             for m in config.models
         }
         self.registry = ModelRegistry(config, engine_factory, metrics, lambda n: self._queues[n].idle)
+        self._drain_file = Path(config.drain_file) if config.drain_file else None
+
+    def draining(self) -> bool:
+        """While the operator's drain file exists, new requests are refused; admitted ones finish."""
+        return self._drain_file is not None and self._drain_file.exists()
 
     def admit(self, model: str) -> Ticket:
+        if self._drain_file is not None and self.draining():
+            self.metrics.rejected.labels(model, "draining").inc()
+            raise DrainingError(self._drain_file)
         return self._queues[model].admit()
 
     def is_busy(self, model: str) -> bool:

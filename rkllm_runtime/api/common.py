@@ -25,9 +25,9 @@ from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
 from rkllm_runtime.scheduler import (
+    AdmissionRefusedError,
     ContextOverflowError,
     Job,
-    QueueFullError,
     Scheduler,
     Started,
     check_context,
@@ -171,8 +171,8 @@ async def start_generation(request: Request, model: ModelConfig, job: Job) -> Ge
         ticket = scheduler.admit(model.name)
     except ContextOverflowError as exc:
         raise bad_request(str(exc), param="messages", code="context_length_exceeded") from exc
-    except QueueFullError as exc:
-        raise ApiError(503, str(exc), code="queue_full", retry_after=exc.retry_after) from exc
+    except AdmissionRefusedError as exc:
+        raise ApiError(503, str(exc), code=exc.code, retry_after=exc.retry_after) from exc
     events = scheduler.generate(ticket, model.name, job)
     try:
         started = await until_disconnect(request, anext(events))

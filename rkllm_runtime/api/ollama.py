@@ -39,7 +39,7 @@ from rkllm_runtime.chat import Message, ToolCall, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
-from rkllm_runtime.scheduler import Job, QueueFullError
+from rkllm_runtime.scheduler import AdmissionRefusedError, Job
 
 router = APIRouter(prefix="/api")
 
@@ -275,7 +275,7 @@ async def _load_or_unload(
         raise bad_request(f"model {model.name} is pinned and stays loaded")
     try:
         ticket = scheduler.admit(model.name)
-    except QueueFullError as exc:
+    except AdmissionRefusedError as exc:
         raise ApiError(503, str(exc), retry_after=exc.retry_after) from exc
     try:
         await until_disconnect(request, ticket.wait())
