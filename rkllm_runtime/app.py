@@ -67,18 +67,16 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """Every pinned (and every loaded) model answers a one-token generation; failures re-init."""
-        if scheduler.draining():
-            return JSONResponse({"status": "draining", "models": {}}, status_code=503)
         names = {m.name for m in config.models if m.pinned} | {
             m.config.name for m in scheduler.registry.loaded()
         }
         problems = {name: await scheduler.probe(name) for name in sorted(names)}
         failed = {name: problem for name, problem in problems.items() if problem}
         body = {
-            "status": "not ready" if failed else "ready",
+            "status": "not ready" if failed else "draining" if scheduler.draining() else "ready",
             "models": {name: problem or "ok" for name, problem in problems.items()},
         }
-        return JSONResponse(body, status_code=503 if failed else 200)
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

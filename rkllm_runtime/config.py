@@ -17,7 +17,8 @@ Format (every key optional unless marked; values shown are the defaults)::
     retry_after_max_seconds = 30     # cap of the Retry-After estimate sent with 503
     drain_file = ""                  # while this file exists the node is draining: new requests get
                                      # 503 "draining" (the balancer retries them on another board),
-                                     # admitted ones finish, /ready says 503; "" = no drain switch
+                                     # admitted ones finish, /ready answers 503 "draining" (after
+                                     # checking the models); "" = no drain switch
 
     [rknpu]
     load_path = "/sys/kernel/debug/rknpu/load"        # "NPU load:  Core0: 12%, Core1:  0%, ..."

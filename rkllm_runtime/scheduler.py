@@ -342,7 +342,8 @@ class Scheduler:
         return problem
 
     async def _probe_once(self, model_name: str, reload: bool) -> str | None:
-        ticket = self.admit(model_name)
+        # Probes go on while the node drains: its operator still wants to know the runtime works.
+        ticket = self._queues[model_name].admit()
         try:
             await ticket.wait()
             model = self.registry.get(model_name)

@@ -214,6 +214,10 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
     assert later and failures(later) == []
 
 
+def nginx_workers(fleet: Fleet) -> set[str]:
+    return set(fleet.balancer.exec(["pgrep", "-f", "nginx: worker"]).stdout.split())
+
+
 def test_overload_gives_only_200_or_503_with_retry_after(fleet: Fleet) -> None:
     capacity = len(BOARDS) * (1 + QUEUE_SIZE)
     peaks = dict.fromkeys(BOARDS, 0.0)
@@ -241,19 +245,29 @@ def test_overload_gives_only_200_or_503_with_retry_after(fleet: Fleet) -> None:
     assert any(r["status"] == 200 for r in records) and any(r["status"] == 503 for r in records)
     assert all(r["complete"] for r in records)
     assert max(peaks.values()) <= QUEUE_SIZE
+    # Right after the burst the fleet is idle and must serve at once: nginx's passive health must
+    # not have written the boards off for the burst's refusals.
+    after_burst = client_load(fleet, "batch", "--count", str(len(BOARDS)), "--max-tokens", "4")["records"]
+    assert failures(after_burst) == [], after_burst
 
 
-def test_rolling_update_restarts_every_board_and_returns_it(fleet: Fleet) -> None:
-    # Run without concurrent load: under a continuous client, nginx answered "no live upstreams" for
-    # about a second during the update (seen in two full runs, not yet understood), so the
-    # zero-failure claim of the rolling update is not proven here yet.
+def test_rolling_update_under_continuous_load_fails_nothing(fleet: Fleet, background_load) -> None:
     pids_before = {b: server_unit(fleet, b, "MainPID") for b in BOARDS}
+    nginx_before = nginx_workers(fleet)
+    stop = background_load(concurrency=2)
+    started = time.monotonic()
     playbook(fleet, "ansible/rolling_update.yml")
+    took = time.monotonic() - started
+    records = stop()
+    failed = failures(records)
+    print(f"rolling update of {len(BOARDS)} boards in {took:.0f}s: {len(records)} requests during the "
+          f"update, {len(failed)} failed")
     pids_after = {b: server_unit(fleet, b, "MainPID") for b in BOARDS}
     assert all(pids_after[b] != pids_before[b] for b in BOARDS), "every server was restarted"
-    conf = ["grep", "-E", r"server .*:8080 .*# board", "/etc/nginx/nginx.conf"]
-    upstreams = fleet.balancer.exec(conf).stdout
-    assert upstreams.count("# board") >= len(BOARDS) and " down;" not in upstreams, upstreams
+    assert nginx_workers(fleet) == nginx_before, "the balancer was not reloaded"
+    assert len(records) > 10
+    error_log = fleet.balancer.exec(["tail", "-n", "20", "/var/log/nginx/error.log"]).stdout
+    assert failed == [], (failed[:3], error_log)
     before = generated(fleet)
     records = client_load(fleet, "batch", "--count", "12", "--max-tokens", "4")["records"]
     assert failures(records) == []

@@ -41,7 +41,7 @@ def test_a_draining_node_refuses_new_work_and_finishes_what_it_admitted(start_se
         ollama = http.post("/api/chat", json={**CHAT, "stream": False})
         assert ollama.status_code == 503 and "draining" in ollama.json()["error"]
         ready = http.get("/ready")
-        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        assert ready.status_code == 503 and ready.json() == {"status": "draining", "models": {QWEN: "ok"}}
 
         for thread in running:
             thread.join(timeout=30)
