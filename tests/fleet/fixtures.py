@@ -1,9 +1,14 @@
-"""Board hardware fixtures: files standing in for debugfs, device tree and /proc/meminfo."""
+"""Board hardware fixtures: files standing in for debugfs, device tree and /proc/meminfo.
+
+The rknpu debugfs directory is a link into a tmpfs that the board's boot-time writer fills from the
+kernel it booted (tests/fleet/kernels.py), so a board's driver version changes only by a reboot.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import kernels
 from .commands import SimError
 
 FIXTURE_ROOT = "/srv/fixtures"
@@ -12,7 +17,6 @@ COMPATIBLE_PATH = f"{FIXTURE_ROOT}/device-tree/compatible"
 MEMINFO_PATH = f"{FIXTURE_ROOT}/meminfo"
 DEFAULT_DRIVER = "0.9.8"
 DEFAULT_RAM_MB = 16384
-NPU_LOAD_IDLE = "NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,\n"
 # NUL-separated like /proc/device-tree/compatible on a Rock 5B.
 COMPATIBLE_ROCK5B = "radxa,rock-5b\0rockchip,rk3588\0"
 
@@ -27,11 +31,13 @@ class BoardHardware:
         meminfo = (f"MemTotal:       {total_kb:>8} kB\nMemFree:        {total_kb * 9 // 10:>8} kB\n"
                    f"MemAvailable:   {total_kb * 9 // 10:>8} kB\nSwapTotal:             0 kB\n")
         return {
-            f"{DEBUGFS_DIR}/version": f"RKNPU driver: v{self.driver_version}\n",
-            f"{DEBUGFS_DIR}/load": NPU_LOAD_IDLE,
+            **kernels.image_files(self.driver_version),
             COMPATIBLE_PATH: COMPATIBLE_ROCK5B,
             MEMINFO_PATH: meminfo,
         }
+
+    def symlinks(self) -> dict[str, str]:
+        return kernels.image_symlinks(DEBUGFS_DIR)
 
 
 def board_index(key: str, boards: int) -> int:
@@ -59,5 +65,6 @@ def board_hardware(boards: int, drivers: dict[int, str], ram_mb: dict[int, str])
         ram = ram_mb.get(index, str(DEFAULT_RAM_MB))
         if not ram.isdigit():
             raise SimError(f"board{index}: RAM must be a number of MiB, got {ram!r}")
-        hardware[index] = BoardHardware(drivers.get(index, DEFAULT_DRIVER), int(ram))
+        driver = kernels.check_driver(drivers.get(index, DEFAULT_DRIVER))
+        hardware[index] = BoardHardware(driver, int(ram))
     return hardware

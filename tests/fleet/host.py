@@ -17,6 +17,21 @@ from .network import NETNS_DIR, namespace_pids
 
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY_STATES = ("running", "degraded")
+# systemd-nspawn exits with 133 when the container reboots (`systemctl reboot` inside); booting it
+# again on the same root is what a real board does. The loop's own command line carries the nspawn
+# arguments, so it is found (and stopped) like nspawn itself.
+REBOOT_LOOP = 'while :; do "$@"; status=$?; [ "$status" -eq 133 ] || exit "$status"; done'
+# nspawn puts the container in "<its own cgroup>/payload". Started from one cgroup, every container on
+# the machine would share that payload and each container's systemd would create and remove the same
+# unit cgroups (units then fail with 219/CGROUP), so each host's loop first moves into its own cgroup.
+OWN_CGROUP = 'mkdir -p "$cg" && echo $$ > "$cg/cgroup.procs" || echo "fleet-sim: no own cgroup $cg" >&2; '
+CGROUP_PARENT = "rkllm-fleet"
+
+
+def _cgroup_hierarchy() -> Path:
+    """The hierarchy nspawn places containers in: name=systemd when mounted (hybrid/legacy), else v2."""
+    legacy = Path("/sys/fs/cgroup/systemd")
+    return legacy if (legacy / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
 # Emulated arm64 boots and halts several times slower than native amd64.
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 HALT_TIMEOUT = {"amd64": 30.0, "arm64": 90.0}
@@ -132,6 +147,14 @@ class Host:
         target.write_bytes(data)
         target.chmod(mode)
 
+    def symlink(self, relative: str, target: str) -> None:
+        """Create (or replace) a symlink in the host's root; target is read inside the container."""
+        link = self.spec.root / relative.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        link.symlink_to(target)
+
     def pid1(self) -> int | None:
         """The container's systemd (pid 1 inside its pid namespace), found via the netns."""
         return next((pid for pid in namespace_pids(self.spec.netns) if _is_namespace_init(pid)), None)
@@ -141,6 +164,19 @@ class Host:
 
     def is_running(self) -> bool:
         return self.pid1() is not None
+
+    @property
+    def cgroup_dir(self) -> Path:
+        return _cgroup_hierarchy() / CGROUP_PARENT / self.spec.machine
+
+    def remove_cgroup(self) -> None:
+        """Remove the host's (empty) cgroup tree, deepest first; busy or missing dirs are left alone."""
+        if not self.cgroup_dir.is_dir():
+            return
+        tree = [Path(root) for root, _dirs, _files in os.walk(self.cgroup_dir)]
+        for directory in sorted(tree, key=lambda path: len(path.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def start(self) -> None:
         """Launch systemd-nspawn detached; wait_ready() completes the boot."""
@@ -154,7 +190,10 @@ class Host:
                 f"--hostname={self.spec.name}", f"--machine={self.spec.machine}",
                 "-D", str(self.spec.root)]
         with log_path.open("ab") as console:
-            self._nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console,
+            script = f"cg={shlex.quote(str(self.cgroup_dir))}; {OWN_CGROUP}{REBOOT_LOOP}"
+            loop = ["/bin/sh", "-c", script, "fleet-sim-reboot-loop"]
+            self._nspawn = subprocess.Popen([*loop, *args],
+                                            stdin=subprocess.DEVNULL, stdout=console,
                                             stderr=console, start_new_session=True)
 
     def _exited_early(self) -> bool:
@@ -208,6 +247,7 @@ class Host:
             except SimError as error:
                 log(f"{error}; killing what is left")
         self.kill_leftovers()
+        self.remove_cgroup()
         if self._nspawn is not None:
             self._nspawn.wait(timeout=10)
             self._nspawn = None

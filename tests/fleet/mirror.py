@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import kernels
 from .commands import SimError, wait_until
 
 RELEASE_API = "rknn-llm/release-v1.2.3/rkllm-runtime/Linux/librkllm_api"
@@ -65,14 +67,21 @@ def _publish(source: Path, root: Path, relative: str) -> PublishedFile:
     return PublishedFile(relative, digest)
 
 
-def publish(sources: MirrorSources, root: Path) -> dict[str, PublishedFile]:
-    """Copy sources into the release layout under root; keys: 'library', 'header', 'model:<name>'."""
+def publish(sources: MirrorSources, root: Path, board_arch: str) -> dict[str, PublishedFile]:
+    """Copy sources into the release layout under root and build the kernel packages for board_arch.
+
+    Keys: 'library', 'header', 'model:<name>', 'kernel:<rknpu version>'.
+    """
     published = {
         "library": _publish(sources.library, root, LIB_PATH),
         "header": _publish(sources.header, root, HEADER_PATH),
     }
     for model in sources.models:
         published[f"model:{model_name(model)}"] = _publish(model, root, f"models/{model.name}")
+    with tempfile.TemporaryDirectory() as built:
+        for driver, release in kernels.PACKAGED_KERNELS.items():
+            deb = kernels.build_kernel_deb(release, driver, board_arch, Path(built))
+            published[f"kernel:{driver}"] = _publish(deb, root, f"kernels/{deb.name}")
     return published
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fixtures, mirror, native_nft, network, rootfs
+from . import fixtures, kernels, mirror, native_nft, network, rootfs
 from .commands import SimError, log, run
 from .host import Host, HostSpec, raise_inotify_limits
 from .inventory import Tree, write_inventory
@@ -180,8 +180,8 @@ class Fleet:
         network.attach_namespace(self.client_netns, f"{self.prefix}-cl", bridge,
                                  _host_interface(self.state.subnet, CLIENT_HOST_NUMBER))
         for index, host in enumerate(self.boards, start=1):
-            self._prepare(host, hardware[index].files())
-        self._prepare(self.balancer, {})
+            self._prepare(host, hardware[index].files(), hardware[index].symlinks())
+        self._prepare(self.balancer, {}, {})
         self.state.boot_seconds = self._boot(list(self.hosts.values()))
         self.state.inventory = str(self._write_inventory(inventory_dir))
         self.state.save(self.run_dir)
@@ -196,14 +196,14 @@ class Fleet:
 
     def _start_mirror(self, sources: mirror.MirrorSources) -> None:
         root = self.run_dir / "mirror"
-        self.published = mirror.publish(sources, root)
+        self.published = mirror.publish(sources, root, self.state.arch)
         address = _host_address(self.state.subnet, 1)
         pid, port = mirror.start_server(root, address, self.run_dir / "mirror.log")
         self.state.mirror_pid = pid
         self.state.mirror_url = f"http://{address}:{port}/"
         self.state.save(self.run_dir)
 
-    def _prepare(self, host: Host, fixture_files: dict[str, str]) -> None:
+    def _prepare(self, host: Host, fixture_files: dict[str, str], fixture_links: dict[str, str]) -> None:
         host.mount()
         public_key = self.ssh_key.with_suffix(".pub").read_text()
         host.write_file("/root/.ssh/authorized_keys", public_key, 0o600)
@@ -213,6 +213,8 @@ class Fleet:
         host.write_file("/etc/hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{names}")
         for path, content in fixture_files.items():
             host.write_file(path, content)
+        for path, target in fixture_links.items():
+            host.symlink(path, target)
         if host.spec.arch == "arm64":
             native_nft.install(host.spec.root)
 
@@ -233,10 +235,15 @@ class Fleet:
         models: dict[str, Tree] = {
             key.removeprefix("model:"): {"url": url + item.path, "sha256": item.sha256}
             for key, item in self.published.items() if key.startswith("model:")}
+        kernel_packages: dict[str, Tree] = {
+            key.removeprefix("kernel:"): {"url": url + item.path, "sha256": item.sha256}
+            for key, item in self.published.items() if key.startswith("kernel:")}
         board_vars: dict[str, Tree] = {
             "rknpu_driver_debugfs_dir": fixtures.DEBUGFS_DIR,
             "rknpu_driver_devicetree_compatible_path": fixtures.COMPATIBLE_PATH,
             "rknpu_driver_require_aarch64": self.state.arch == "arm64",
+            "rknpu_driver_kernel_release_path": kernels.KERNEL_RELEASE_PATH,
+            "rknpu_driver_rocket_module_path": kernels.ROCKET_MODULE_PATH,
             "rkllm_models_meminfo_path": fixtures.MEMINFO_PATH,
         }
         tree: dict[str, Tree] = {"all": {
@@ -254,6 +261,7 @@ class Fleet:
                 "rkllm_lib_header_url": url + header.path,
                 "rkllm_lib_header_sha256": header.sha256,
                 "rkllm_models_catalog_overrides": models,
+                "fleet_sim_kernel_packages": kernel_packages,
             },
             "children": {
                 "rkllm_boards": {"hosts": {h.name: {"ansible_host": h.address} for h in self.boards},

@@ -23,7 +23,8 @@ def stray_nspawn_pids(prefix: str) -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if args and args[0].endswith(b"systemd-nspawn") and any(
+        booting = args and (args[0].endswith(b"systemd-nspawn") or b"fleet-sim-reboot-loop" in args)
+        if booting and any(
                 a.startswith(f"--machine={prefix}-".encode()) for a in args):
             pids.append(int(entry.name))
     return pids

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .commands import SimError
+from .commands import SimError, wait_until
 from .mirror import MirrorSources
 from .network import links_with_prefix, namespaces_with_prefix
 from .sim import Fleet, run_dir_for
@@ -138,6 +138,32 @@ def test_restart_keeps_installed_files(fleet: Fleet) -> None:
     assert state in ("running", "degraded")
     # nspawn gives each container boot its own boot_id, so a new one proves a real reboot.
     assert board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != old_boot_id
+
+
+def test_a_kernel_package_takes_effect_at_a_reboot_from_inside(fleet: Fleet) -> None:
+    board = fleet.board("board2")
+    packages = yaml.safe_load(fleet.inventory_path.read_text())["all"]["vars"]["fleet_sim_kernel_packages"]
+    package = packages["0.9.8"]
+    board.exec(["curl", "-fsS", "-m10", "-o", "/tmp/kernel.deb", package["url"]])
+    assert board.exec(["sha256sum", "/tmp/kernel.deb"]).stdout.split()[0] == package["sha256"]
+    board.exec(["dpkg", "-i", "/tmp/kernel.deb"])
+    # Installed, not booted: the driver the board reports is still the one it booted with.
+    assert board.exec(["cat", "/srv/fixtures/rknpu/version"]).stdout == "RKNPU driver: v0.9.6\n"
+    old_boot_id = board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+    board.exec(["systemctl", "--no-block", "reboot"])
+
+    def rebooted() -> bool:
+        if not board.is_running():
+            return False
+        boot_id = board.exec(["cat", "/proc/sys/kernel/random/boot_id"], check=False).stdout
+        return boot_id not in ("", old_boot_id) and board.exec(
+            ["systemctl", "is-system-running"], check=False).stdout.strip() in ("running", "degraded")
+
+    wait_until(rebooted, timeout=90, what="board2 back after systemctl reboot")
+    assert board.exec(["cat", "/srv/fixtures/rknpu/version"]).stdout == "RKNPU driver: v0.9.8\n"
+    assert board.exec(["cat", "/run/fleet-sim-boot/osrelease"]).stdout == "6.1.84-fleetsim\n"
+    # The kernel the image shipped with stays installed (bootable from the menu).
+    assert board.exec(["test", "-f", "/boot/vmlinuz-6.1.43-fleetsim"], check=False).returncode == 0
 
 
 def test_stopped_board_is_unreachable_until_started(fleet: Fleet) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from . import network
 from .commands import SimError
 from .fixtures import board_hardware, parse_overrides
 from .inventory import to_yaml
+from .kernels import build_kernel_deb
 from .mirror import model_name
 
 
@@ -23,7 +25,9 @@ def test_inventory_yaml_round_trips_awkward_values() -> None:
 def test_overrides_accept_short_and_long_board_names() -> None:
     assert parse_overrides(["b2=0.9.6", "board3=8192"], boards=3) == {2: "0.9.6", 3: "8192"}
     hardware = board_hardware(3, {2: "0.9.6"}, {3: "8192"})
-    assert hardware[2].files()["/srv/fixtures/rknpu/version"] == "RKNPU driver: v0.9.6\n"
+    kernel = hardware[2].files()["/boot/vmlinuz-6.1.43-fleetsim"]
+    assert kernel == "fleet-sim kernel 6.1.43-fleetsim\nnpu rknpu 0.9.6\n"
+    assert hardware[2].symlinks()["/srv/fixtures/rknpu"] == "../../run/fleet-sim-boot/rknpu"
     assert "MemTotal:        8388608 kB" in hardware[3].files()["/srv/fixtures/meminfo"]
     assert "MemTotal:       16777216 kB" in hardware[1].files()["/srv/fixtures/meminfo"]
 
@@ -35,6 +39,25 @@ def test_overrides_accept_short_and_long_board_names() -> None:
 def test_bad_overrides_are_refused(pairs: list[str], message: str) -> None:
     with pytest.raises(SimError, match=message):
         parse_overrides(pairs, boards=3)
+
+
+def test_driver_is_a_version_or_rocket() -> None:
+    assert "npu rocket" in board_hardware(1, {1: "rocket"}, {})[1].files()["/boot/vmlinuz-6.1.43-fleetsim"]
+    with pytest.raises(SimError, match=r"rknpu version like 0\.9\.6 or 'rocket'"):
+        board_hardware(1, {1: "v0.9"}, {})
+
+
+def test_kernel_package_is_a_real_deb(tmp_path) -> None:
+    deb = build_kernel_deb("6.1.84-fleetsim", "0.9.8", "arm64", tmp_path)
+    fields = subprocess.run(["dpkg-deb", "--field", str(deb), "Package", "Architecture"],
+                            capture_output=True, text=True, check=True).stdout
+    assert fields == "Package: linux-image-6.1.84-fleetsim\nArchitecture: arm64\n"
+    listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True,
+                             check=True).stdout
+    assert "root/root" in listing and "./boot/vmlinuz-6.1.84-fleetsim" in listing
+    extracted = tmp_path / "x"
+    subprocess.run(["dpkg-deb", "--extract", str(deb), str(extracted)], check=True)
+    assert (extracted / "boot/vmlinuz-6.1.84-fleetsim").read_text().endswith("npu rknpu 0.9.8\n")
 
 
 def test_ram_must_be_mib() -> None:
