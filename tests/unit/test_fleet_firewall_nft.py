@@ -1,5 +1,5 @@
-"""fleet_firewall's nftables table: rendered by the role, checked by nft, applied twice in a throwaway
-network namespace wired to a "balancer" and a "client" namespace by veth pairs."""
+"""fleet_firewall's nftables table: rendered by the role, checked by nft, applied in a throwaway
+network namespace wired to a "balancer", a "client" and a "monitor" namespace by veth pairs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ BALANCER_V4, BALANCER_V6 = "10.77.1.1", "fd77:1::1"
 BOARD_BAL_V4, BOARD_BAL_V6 = "10.77.1.2", "fd77:1::2"
 CLIENT_V4, CLIENT_V6 = "10.77.2.1", "fd77:2::1"
 BOARD_CLI_V4, BOARD_CLI_V6 = "10.77.2.2", "fd77:2::2"
-SERVING_PORT, SSH_PORT = 18080, 18022
+MONITOR_V4, MONITOR_V6 = "10.77.3.1", "fd77:3::1"
+BOARD_MON_V4, BOARD_MON_V6 = "10.77.3.2", "fd77:3::2"
+# The exporter ports are the role's defaults (the monitoring role's ports).
+SERVING_PORT, SSH_PORT, NODE_EXPORTER_PORT = 18080, 18022, 9100
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=check)
@@ -28,20 +31,27 @@ def _in(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[
 
 
 def render_tables(out: Path) -> dict[str, Path]:
-    """Run the role's render tasks (with its `nft -c -f` validate) for a board and a balancer."""
+    """Run the role's render tasks (with its `nft -c -f` validate) for a board, a balancer and two
+    monitor hosts (one per address family, so both reach the monitor sets from the inventory)."""
     inventory = {"all": {"children": {
         "rkllm_balancers": {"hosts": {"lb": {**local_host(), "ansible_host": BALANCER_V4}}},
         "rkllm_boards": {"hosts": {"board": {**local_host(), "ansible_host": BOARD_BAL_V4,
                                              "rkllm_server_port": SERVING_PORT}}},
+        "rkllm_monitor": {"hosts": {"mon4": {**local_host(), "ansible_host": MONITOR_V4},
+                                    "mon6": {**local_host(), "ansible_host": MONITOR_V6}}},
     }}}
     variables: dict[str, object] = {
         "fleet_firewall_nft_path": str(out / "{{ inventory_hostname }}.nft"),
         "fleet_firewall_balancer_addresses": [BALANCER_V4, BALANCER_V6],
         "fleet_firewall_controller_addresses": [CLIENT_V4, CLIENT_V6],
+        # Overlapping elements, as operators write them: the controller inside an admin network, a
+        # monitor host also listed as an extra source.
+        "fleet_firewall_admin_networks": ["10.77.2.0/24"],
+        "fleet_firewall_serving_extra_sources": ["10.77.3.0/24"],
         "fleet_firewall_ssh_port": SSH_PORT,
     }
     run_role_tasks(out, inventory, variables, role="fleet_firewall", tasks_from="render", hosts="all")
-    return {"board": out / "board.nft", "lb": out / "lb.nft"}
+    return {name: out / f"{name}.nft" for name in ("board", "lb", "mon4")}
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +61,17 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def fleet_net() -> Iterator[dict[str, str]]:
-    """board <-veth-> balancer and board <-veth-> client, IPv4 and IPv6."""
+    """board <-veth-> balancer, board <-veth-> client and board <-veth-> monitor, IPv4 and IPv6."""
     tag = f"fw{os.getpid() % 100000}"
-    names = {"board": f"{tag}-board", "balancer": f"{tag}-lb", "client": f"{tag}-cli"}
+    names = {"board": f"{tag}-board", "balancer": f"{tag}-lb", "client": f"{tag}-cli",
+             "monitor": f"{tag}-mon"}
     for ns in names.values():
         _sh("ip", "netns", "add", ns)
     try:
         for peer, board_v4, board_v6, peer_v4, peer_v6 in (
             ("balancer", BOARD_BAL_V4, BOARD_BAL_V6, BALANCER_V4, BALANCER_V6),
             ("client", BOARD_CLI_V4, BOARD_CLI_V6, CLIENT_V4, CLIENT_V6),
+            ("monitor", BOARD_MON_V4, BOARD_MON_V6, MONITOR_V4, MONITOR_V6),
         ):
             board_if, peer_if = f"{tag}b{peer[0]}", f"{tag}p{peer[0]}"
             _sh("ip", "link", "add", board_if, "netns", names["board"], "type", "veth",
@@ -79,11 +91,11 @@ def fleet_net() -> Iterator[dict[str, str]]:
 
 
 def _listeners(board_ns: str) -> subprocess.Popen[bytes]:
-    """A TCP listener on the serving and SSH ports (both families) inside the board namespace."""
+    """A TCP listener on the serving, SSH and node_exporter ports (both families) in the board namespace."""
     code = (
         "import socket, selectors\n"
         "sel = selectors.DefaultSelector()\n"
-        f"for port in ({SERVING_PORT}, {SSH_PORT}):\n"
+        f"for port in ({SERVING_PORT}, {SSH_PORT}, {NODE_EXPORTER_PORT}):\n"
         "    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
         "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('::', port)); s.listen(64)\n"
         "    sel.register(s, selectors.EVENT_READ)\n"
@@ -105,11 +117,23 @@ def _reaches(ns: str, address: str, port: int) -> bool:
     return _in(ns, sys.executable, "-c", code, check=False).returncode == 0
 
 
-def _wait_listening(ns: str) -> None:
-    deadline = time.monotonic() + 10
-    while not _reaches(ns, "127.0.0.1", SERVING_PORT):
-        assert time.monotonic() < deadline, "listener in the board namespace did not start"
-        time.sleep(0.05)
+@pytest.fixture
+def board_listening(fleet_net: dict[str, str]) -> Iterator[dict[str, str]]:
+    listener = _listeners(fleet_net["board"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _reaches(fleet_net["board"], "127.0.0.1", NODE_EXPORTER_PORT):
+            assert time.monotonic() < deadline, "listener in the board namespace did not start"
+            time.sleep(0.05)
+        yield fleet_net
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def _apply(ns: str, table: Path) -> None:
+    applied = _in(ns, "nft", "-f", str(table), check=False)
+    assert applied.returncode == 0, applied.stderr
 
 
 def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str, Path]) -> None:
@@ -118,45 +142,71 @@ def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str
     assert not [line for line in rules if "flush" in line or "iif " in line]
     assert f"tcp dport {{ {SERVING_PORT} }} ip saddr @serving_v4 accept" in board
     assert f"tcp dport {{ {SERVING_PORT} }} ip6 saddr @serving_v6 accept" in board
-    assert BALANCER_V6 in board and CLIENT_V6 in board
-    assert "dport { 80, 443 }" in tables["lb"].read_text()
-    assert "serving_v4" not in tables["lb"].read_text()
+    assert BALANCER_V6 in board and CLIENT_V6 in board and MONITOR_V6 in board
+    assert f"tcp dport {{ {NODE_EXPORTER_PORT} }} ip saddr @monitor_v4 accept" in board
+    assert f"tcp dport {{ {NODE_EXPORTER_PORT} }} ip6 saddr @monitor_v6 accept" in board
+    balancer = tables["lb"].read_text()
+    assert "dport { 80, 443 }" in balancer
+    assert "serving_v4" not in balancer
+    # The balancer also runs the nginx exporter.
+    assert f"tcp dport {{ {NODE_EXPORTER_PORT}, 9113 }} ip saddr @monitor_v4 accept" in balancer
+    assert f"tcp dport {{ {NODE_EXPORTER_PORT}, 9113 }} counter drop" in balancer
+    # A monitor host that is neither board nor balancer: SSH and its own node_exporter only.
+    monitor = tables["mon4"].read_text()
+    assert "serving_v4" not in monitor and "dport { 80, 443 }" not in monitor
+    assert f"tcp dport {{ {NODE_EXPORTER_PORT} }} counter drop" in monitor
     for path in tables.values():
         checked = _sh("nft", "-c", "-f", str(path), check=False)
         assert checked.returncode == 0, checked.stderr
 
 
 def test_board_table_applies_twice_keeps_foreign_tables_and_filters(
-    tables: dict[str, Path], fleet_net: dict[str, str],
+    tables: dict[str, Path], board_listening: dict[str, str],
 ) -> None:
-    board_ns = fleet_net["board"]
+    board_ns = board_listening["board"]
     # A foreign table (as ufw/docker would own) must survive our loads.
     _in(board_ns, "nft", "add", "table", "ip", "foreign")
     _in(board_ns, "nft", "add", "chain", "ip", "foreign", "keep")
-    listener = _listeners(board_ns)
-    try:
-        _wait_listening(board_ns)
-        # Before the firewall everything is reachable: the checks below can tell a difference.
-        assert _reaches(fleet_net["client"], BOARD_CLI_V4, SERVING_PORT)
+    # Before the firewall everything is reachable: the checks below can tell a difference.
+    assert _reaches(board_listening["client"], BOARD_CLI_V4, SERVING_PORT)
 
-        for _ in range(2):
-            applied = _in(board_ns, "nft", "-f", str(tables["board"]), check=False)
-            assert applied.returncode == 0, applied.stderr
-        listed = _in(board_ns, "nft", "list", "tables").stdout.split("\n")
-        assert listed.count("table inet rkllm_fleet") == 1
-        assert "table ip foreign" in listed
+    for _ in range(2):
+        _apply(board_ns, tables["board"])
+    listed = _in(board_ns, "nft", "list", "tables").stdout.split("\n")
+    assert listed.count("table inet rkllm_fleet") == 1
+    assert "table ip foreign" in listed
 
-        balancer, client = fleet_net["balancer"], fleet_net["client"]
-        assert _reaches(balancer, BOARD_BAL_V4, SERVING_PORT)
-        assert _reaches(balancer, BOARD_BAL_V6, SERVING_PORT)
-        assert not _reaches(client, BOARD_CLI_V4, SERVING_PORT)
-        assert not _reaches(client, BOARD_CLI_V6, SERVING_PORT)
-        # SSH: the controller (client namespace here) keeps access, others do not.
-        assert _reaches(client, BOARD_CLI_V4, SSH_PORT)
-        assert _reaches(client, BOARD_CLI_V6, SSH_PORT)
-        assert not _reaches(balancer, BOARD_BAL_V4, SSH_PORT)
-        # The board itself still reaches its server over loopback.
-        assert _reaches(board_ns, "127.0.0.1", SERVING_PORT)
-    finally:
-        listener.kill()
-        listener.wait()
+    balancer, client = board_listening["balancer"], board_listening["client"]
+    assert _reaches(balancer, BOARD_BAL_V4, SERVING_PORT)
+    assert _reaches(balancer, BOARD_BAL_V6, SERVING_PORT)
+    assert not _reaches(client, BOARD_CLI_V4, SERVING_PORT)
+    assert not _reaches(client, BOARD_CLI_V6, SERVING_PORT)
+    # SSH: the controller (client namespace here) keeps access, others do not.
+    assert _reaches(client, BOARD_CLI_V4, SSH_PORT)
+    assert _reaches(client, BOARD_CLI_V6, SSH_PORT)
+    assert not _reaches(balancer, BOARD_BAL_V4, SSH_PORT)
+    # The board itself still reaches its server over loopback.
+    assert _reaches(board_ns, "127.0.0.1", SERVING_PORT)
+
+
+def test_monitor_hosts_from_the_inventory_reach_metrics_and_exporters_others_do_not(
+    tables: dict[str, Path], board_listening: dict[str, str],
+) -> None:
+    monitor, client = board_listening["monitor"], board_listening["client"]
+    balancer = board_listening["balancer"]
+    # Open before the firewall, so the refusals below are the table's doing.
+    assert _reaches(client, BOARD_CLI_V4, NODE_EXPORTER_PORT)
+    assert _reaches(monitor, BOARD_MON_V4, SERVING_PORT)
+
+    _apply(board_listening["board"], tables["board"])
+
+    # Over IPv6 only the monitor group admits it to the serving port (the extra source is IPv4).
+    for address in (BOARD_MON_V4, BOARD_MON_V6):
+        assert _reaches(monitor, address, SERVING_PORT)
+        assert _reaches(monitor, address, NODE_EXPORTER_PORT)
+        assert not _reaches(monitor, address, SSH_PORT)
+    for address in (BOARD_CLI_V4, BOARD_CLI_V6):
+        assert not _reaches(client, address, NODE_EXPORTER_PORT)
+    # The balancer may serve requests, not scrape the exporters.
+    assert not _reaches(balancer, BOARD_BAL_V4, NODE_EXPORTER_PORT)
+    assert _reaches(board_listening["board"], "127.0.0.1", NODE_EXPORTER_PORT)
