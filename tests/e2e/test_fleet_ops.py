@@ -193,6 +193,7 @@ def test_root_only_npu_files_reach_prometheus_through_the_collector_timer(fleet:
     wait_until(lambda: sample(prometheus, 'rknpu_collector_file_readable{file="load"}') == every_board,
                timeout=60, interval=0.5)
     assert sample(prometheus, "rknpu_driver_version_code") == {b.name: 908.0 for b in fleet.boards}
+    assert sample(prometheus, "rknpu_frequency_hz") == {b.name: 1e9 for b in fleet.boards}
     # The timer keeps the file current: a new load on board1 reaches Prometheus.
     board1.exec(["sh", "-c", f"echo 'NPU load:  Core0:  0%, Core1: 37%, Core2:  0%,' > {DEBUGFS}/load"])
     try:

@@ -24,6 +24,7 @@ ROCKET_MODULE_PATH = f"{BOOT_DIR}/module/rocket"
 IMAGE_KERNEL_RELEASE = "6.1.43-fleetsim"
 ROCKET = "rocket"
 NPU_LOAD_IDLE = "NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,\n"
+NPU_FREQUENCY_HZ = 1_000_000_000
 # Kernel packages on the mirror: rknpu version -> kernel release (newer releases sort after the image's).
 PACKAGED_KERNELS = {"0.9.8": "6.1.84-fleetsim", "0.9.7": "6.1.75-fleetsim"}
 WRITER_PATH = "/usr/local/libexec/fleet-sim-boot"
@@ -45,7 +46,8 @@ case "$npu" in
     rknpu\\ *)
         mkdir -p "$out/rknpu"
         printf 'RKNPU driver: v%s\\n' "${{npu#rknpu }}" > "$out/rknpu/version"
-        printf '%s\\n' '{NPU_LOAD_IDLE.rstrip(chr(10))}' > "$out/rknpu/load" ;;
+        printf '%s\\n' '{NPU_LOAD_IDLE.rstrip(chr(10))}' > "$out/rknpu/load"
+        printf '%s\\n' {NPU_FREQUENCY_HZ} > "$out/rknpu/freq" ;;
 esac
 """
 

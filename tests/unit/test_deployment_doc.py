@@ -365,7 +365,7 @@ def test_catalog_snippet_entries_are_complete() -> None:
     for entry in (e for catalog in catalogs for e in catalog):
         assert set(required) <= set(entry), entry["name"]
         assert entry["kind"] in {"quick", "reasoning"}
-        # rkllm_server renders no custom [templates.*], so only built-in templates can serve.
+        # Presets name built-in templates; custom ones would need rkllm_server_templates as well.
         assert entry.get("template", "chatml") in BUILTIN_TEMPLATES, entry["name"]
 
 
