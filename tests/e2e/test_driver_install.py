@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from e2e.test_site_refusals import SiteRun, SiteRunner
+from e2e.test_site_refusals import SiteRun, SiteRunner, snapshot_server_source
+from e2e.waiting import wait_until
 from fleet.sim import Fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -40,10 +39,7 @@ INSTALL_PLAY = "PLAY [Install kernels with a newer rknpu driver, a batch at a ti
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRunner]:
     workdir = tmp_path_factory.mktemp("driver")
-    (workdir / "src").mkdir()
-    shutil.copytree(REPO_ROOT / "rkllm_runtime", workdir / "src" / "rkllm_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO_ROOT / "pyproject.toml", workdir / "src")
+    snapshot_server_source(workdir)
     fleet = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=f"ek{os.getpid() % 0x10000:04x}",
                      inventory_dir=workdir / "inventory", board_driver=["b2=0.9.6"])
     try:
@@ -103,13 +99,6 @@ def ready_state(site: SiteRunner, board: str) -> str:
         return str(json.loads(shown).get("status", ""))
     except ValueError:
         return ""
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = 90) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {deadline_s}s: {what}"
-        time.sleep(0.5)
 
 
 def generated_tokens(site: SiteRunner, board: str) -> float:
@@ -198,7 +187,7 @@ def test_kernel_still_too_old_after_reboot_is_refused_and_board_keeps_serving(
     board = site.fleet.board(OLD)
     assert board.exec(["test", "-f", f"/boot/vmlinuz-{IMAGE_KERNEL}"], check=False).returncode == 0
     # Not broken: the server runs on the kernel that booted (still drained: only a resume ends a drain).
-    wait_for(lambda: ready_state(site, OLD) in ("ready", "draining"), "board2's server answers /ready")
+    wait_until(lambda: ready_state(site, OLD) in ("ready", "draining"), "board2's server answers /ready")
     resume = [str(Path(sys.executable).parent / "ansible"), "-i", str(site.fleet.inventory_path.parent), OLD,
               "-b", "-m", "ansible.builtin.include_role", "-a", "name=rkllm_server tasks_from=resume"]
     resumed = subprocess.run(resume, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -227,7 +216,7 @@ def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
         run = timed("0.9.8 kernel under load", site.run(*install_vars(site, "0.9.8"), limit=EVERY_HOST))
         if run.returncode == 0:
             # Its metrics restarted at zero with the reboot: tokens there mean nginx sends it requests again.
-            wait_for(lambda: generated_tokens(site, OLD) > 0, "board2 serves through the balancer again")
+            wait_until(lambda: generated_tokens(site, OLD) > 0, "board2 serves through the balancer again")
     finally:
         stop_file.touch()
         out, _ = load.communicate(timeout=180)

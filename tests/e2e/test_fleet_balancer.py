@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from e2e.playbooks import playbook
+from e2e.waiting import wait_until
 from fleet.sim import Fleet
 
 # Provisioning (site.yml) happens in the first test's setup and the rolling update re-runs the board
@@ -101,13 +102,6 @@ def metric_total(text: str, name: str, model: str = QWEN) -> float:
 
 def generated(fleet: Fleet, model: str = QWEN, boards: tuple[str, ...] = BOARDS) -> dict[str, float]:
     return {b: metric_total(board_metrics(fleet, b), "rkllm_generation_tokens_total", model) for b in boards}
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {deadline_s}s: {what}"
-        time.sleep(0.2)
 
 
 def is_ready(fleet: Fleet, board: str) -> bool:

@@ -70,13 +70,18 @@ class SiteRunner:
             assert present.stdout == "", f"{name} was changed: {present.stdout}"
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRunner]:
-    workdir = tmp_path_factory.mktemp("site")
+def snapshot_server_source(workdir: Path) -> None:
+    """Copy the server's source to workdir/src, which SiteRunner builds the board wheel from."""
     (workdir / "src").mkdir()
     shutil.copytree(REPO_ROOT / "rkllm_runtime", workdir / "src" / "rkllm_runtime",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO_ROOT / "pyproject.toml", workdir / "src")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRunner]:
+    workdir = tmp_path_factory.mktemp("site")
+    snapshot_server_source(workdir)
     fleet = Fleet.up(arch="amd64", boards=4, prefix=f"er{os.getpid() % 0x10000:04x}",
                      inventory_dir=workdir / "inventory", board_driver=["b4=0.9.6"], board_ram=["b3=8192"])
     try:
