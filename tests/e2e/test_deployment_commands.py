@@ -10,10 +10,10 @@ e.g. the API key the operator handed out); `# not on the simulator: <reason>` sk
 TEXT; every other command must exit 0.
 
 What maps the doc onto the simulator, all of it here:
-- SUBSTITUTIONS: placeholder hosts, networks and paths of the doc -> the fleet's (applied to commands
-  and to the YAML snippets the test writes). The session's HOME is a temporary directory, so the vault
-  password file and the Ansible caches of `~` are private; `$EDITOR` (for `ansible-vault edit`) only
-  checks that it was given the decrypted file.
+- OperatorSession.substitutions(): the doc's placeholder hosts, networks and paths -> the fleet's
+  (in commands and in the YAML snippets the test writes). The session's HOME is a temporary directory,
+  so the vault password file and the Ansible caches of `~` are private; `$EDITOR` (for
+  `ansible-vault edit`) only checks that it was given the decrypted file.
 - The inventory is made the way section 4 says: the doc's `cp -r` of the example, then hosts.yml from
   the doc's snippet (the simulated balancer doubles as the monitor host, which section 13 allows), and
   in place of the checksums, artefact URLs and hardware paths an operator fills in, the values of the
@@ -22,7 +22,7 @@ What maps the doc onto the simulator, all of it here:
   (firewall networks, API keys). The others only show placeholders the simulator's values replace,
   or settings for hardware the simulator lacks (TLS stays off: clients use plain HTTP).
 - Steps the prose asks of the operator between commands: OPERATOR_STEPS.
-Sections 3 and 14 boot their own small fleets (prefixes from SUBSTITUTIONS); teardown removes all three.
+Sections 3 and 14 boot their own small fleets (prefixes in that table); teardown removes all three.
 """
 
 from __future__ import annotations
@@ -101,15 +101,9 @@ class OperatorSession:
             "192.168.50.13": boards[2].address,
             "192.168.50.2": self.fleet.balancer.address,
             "api.example.com": self.fleet.balancer.address,  # the client has no DNS
-            # The admin network: the client namespace, not the whole subnet, because fleet_firewall cannot
-            # yet render a set where the controller's address lies inside an admin network (nft:
-            # "conflicting intervals"; the doc's own example has it so).
-            "10.20.0.0/24": f"{self.fleet.client_address}/32",
+            "10.20.0.0/24": self.fleet.state.subnet,  # admin network, with the controller inside
             "10.30.0.0/16": self.fleet.state.subnet,  # client networks
             "10.20.0.10": self.controller_address,
-            # The monitor's address (allowed to the boards' port) is the controller's, which benchmarks
-            # the boards (section 13); the monitor host itself is the balancer.
-            "192.168.60.5": self.controller_address,
             "files/tls/": str(self.workdir / "tls") + "/",
             "/tmp/bench": str(self.workdir / "bench"),
             "/sys/kernel/debug/rknpu": sim_vars["rknpu_driver_debugfs_dir"],
