@@ -21,7 +21,7 @@ lint: venv
 	$(VENV)/bin/ruff check rkllm_runtime tests bench
 
 test: venv double
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # Provision the simulated fleet with site.yml and stream one chat answer through nginx.
 demo: venv double
