@@ -350,6 +350,41 @@ static int test_keep_history(void)
     return rkllm_destroy(h);
 }
 
+/* Handles of one model keep separate histories; a reply continues the text in its handle's cache, however
+ * that text got there (turn by turn or prefilled whole), and only uncached tokens are prefilled. */
+static int test_history_per_handle(void)
+{
+    setenv("RKLLM_DOUBLE_REPLY_TOKENS", "6", 1);
+    LLMHandle a, b, whole;
+    CHECK(open_model(&a, "tiny-flat.rkllm") == 0 && open_model(&b, "tiny-flat.rkllm") == 0 &&
+              open_model(&whole, "tiny-flat.rkllm") == 0,
+          "init of three handles of one model failed");
+    collector a1, a2, b1, b2, w;
+    collector *all[] = {&a1, &a2, &b1, &b2, &w};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        collector_init(all[i]);
+    const char *next = "and then?"; /* 9 bytes = 3 tokens */
+    CHECK(run_prompt(a, "first conversation", 1, &a1) == 0 && run_prompt(b, "second conversation", 1, &b1) == 0,
+          "first turns failed");
+    CHECK(run_prompt(a, next, 1, &a2) == 0 && run_prompt(b, next, 1, &b2) == 0, "second turns failed");
+    CHECK(a2.perf.prefill_tokens == 3, "the second turn prefilled %d tokens, not its own 3", a2.perf.prefill_tokens);
+    CHECK(strcmp(a2.text, b2.text), "two handles with different histories gave the same reply \"%s\"", a2.text);
+    static char history[TEXT_CAP + 64];
+    snprintf(history, sizeof history, "first conversation%s%s", a1.text, next);
+    CHECK(run_prompt(whole, history, 0, &w) == 0, "whole-history run failed");
+    CHECK(!strcmp(w.text, a2.text), "the history prefilled whole replied \"%s\", turn by turn \"%s\"", w.text,
+          a2.text);
+    CHECK(w.perf.prefill_tokens > a2.perf.prefill_tokens, "prefilling the whole history cost no more");
+    CHECK(rkllm_clear_kv_cache(a, 0, NULL, NULL) == 0, "clear failed");
+    collector fresh;
+    collector_init(&fresh);
+    CHECK(run_prompt(a, next, 1, &fresh) == 0 && strcmp(fresh.text, a2.text), "a cleared cache still remembered");
+    collector_destroy(&fresh);
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        collector_destroy(all[i]);
+    return rkllm_destroy(a) | rkllm_destroy(b) | rkllm_destroy(whole);
+}
+
 static int test_clear_kv_cache(void)
 {
     LLMHandle h;
@@ -1013,6 +1048,7 @@ static const test_case TESTS[] = {
     {"waiting_split", test_waiting_split},
     {"fragment_and_think", test_fragment_and_think},
     {"keep_history", test_keep_history},
+    {"history_per_handle", test_history_per_handle},
     {"clear_kv_cache", test_clear_kv_cache},
     {"callback_pause", test_callback_pause},
     {"abort_from_other_thread", test_abort_from_other_thread},

@@ -78,6 +78,9 @@ struct double_handle {
     bool abort_requested;
     struct timespec abort_effective;
     int kv_len;
+    /* FNV-1a over the text in the KV cache (prompts and replies, in order): replies depend on it, so a
+     * conversation continued on the wrong handle, or re-sent with different history, answers differently. */
+    uint32_t kv_hash;
     int system_tokens;
     char *tool_name;
     lora_entry *loras;
@@ -172,9 +175,10 @@ static int token_count(const char *text)
     return bytes == 0 ? 1 : (int)((bytes + 3) / 4);
 }
 
-static uint32_t fnv1a(const char *text)
+static const uint32_t FNV_BASIS = 2166136261u;
+
+static uint32_t fnv1a_continue(uint32_t hash, const char *text)
 {
-    uint32_t hash = 2166136261u;
     for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
         hash ^= *p;
         hash *= 16777619u;
@@ -646,6 +650,7 @@ static struct double_handle *handle_new(void)
     pthread_cond_init(&h->wake, &attr);
     pthread_condattr_destroy(&attr);
     pthread_mutex_init(&h->lock, NULL);
+    h->kv_hash = FNV_BASIS;
     return h;
 }
 
@@ -894,6 +899,7 @@ typedef struct {
     int prompt_tokens;
     int prefill_tokens;
     int kv_before;
+    uint32_t kv_hash_before;
     int kv_start;
     int reply_len;
     bool tool_call;
@@ -990,8 +996,11 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
     if (cache && cache->save_prompt_cache) {
         plan->save_cache_path = strdup(cache->prompt_cache_path ? cache->prompt_cache_path : "./prompt_cache.bin");
     }
-    plan->seed = fnv1a(plan->text);
+    /* The reply continues everything in the cache: the same text reached by prefilling it whole or turn by
+     * turn gives the same reply. */
+    plan->seed = fnv1a_continue(plan->keep_history ? h->kv_hash : FNV_BASIS, plan->text);
     plan->kv_before = h->kv_len;
+    plan->kv_hash_before = h->kv_hash;
     plan->kv_start = plan->keep_history ? h->kv_len : 0;
     plan->prefill_tokens = plan->prompt_tokens + (plan->kv_start == 0 ? h->system_tokens : 0);
     plan->tool_call = h->tool_name && strcmp(in->role, "tool") && strstr(plan->text, "weather");
@@ -1072,12 +1081,14 @@ static const char *reply_token(const struct double_handle *h, const run_plan *pl
     return m->vocab[*token_id];
 }
 
-/* Delivers token i, split into WAITING+NORMAL or two NORMAL pieces when the model asks for it. */
-static bool deliver_token(run_ctx *ctx, const run_plan *plan, int i)
+/* Delivers token i, split into WAITING+NORMAL or two NORMAL pieces when the model asks for it; the token
+ * joins the cache's history. */
+static bool deliver_token(run_ctx *ctx, const run_plan *plan, int i, uint32_t *kv_hash)
 {
     const model_spec *m = &ctx->h->model;
     int32_t token_id;
     const char *text = reply_token(ctx->h, plan, i, &token_id);
+    *kv_hash = fnv1a_continue(*kv_hash, text);
     size_t len = strlen(text);
     int lead = first_multibyte_lead(text);
     if (lead >= 0)
@@ -1116,10 +1127,11 @@ static void run_error(run_ctx *ctx)
 }
 
 /* The last touch of h by the run: destroy may free it right after. */
-static void end_run(struct double_handle *h, int kv_len)
+static void end_run(struct double_handle *h, int kv_len, uint32_t kv_hash)
 {
     pthread_mutex_lock(&h->lock);
     h->kv_len = kv_len;
+    h->kv_hash = kv_hash;
     h->running = false;
     h->abort_requested = false;
     pthread_cond_broadcast(&h->wake);
@@ -1142,7 +1154,7 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
         log_event("ERROR", h->id, "reason=context_overflow kv=%d prefill_tokens=%d max_context_len=%d",
                   plan->kv_start, plan->prefill_tokens, h->max_context);
         run_error(ctx);
-        end_run(h, plan->kv_before);
+        end_run(h, plan->kv_before, plan->kv_hash_before);
         return -1;
     }
     struct timespec start = now_mono();
@@ -1155,6 +1167,7 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
     double interval_ms = m->tokens_per_second > 0 ? 1000.0 / m->tokens_per_second : 0;
     struct timespec due = decode_base;
     int kv = plan->kv_start + plan->prefill_tokens;
+    uint32_t kv_hash = plan->seed;
     int generated = 0;
     const char *reason = aborted ? "abort" : NULL;
     while (!reason) {
@@ -1179,10 +1192,10 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
             fprintf(stderr, "E rkllm: inference failed at token %d (error_at_token fault)\n", generated);
             log_event("ERROR", h->id, "reason=error_at_token token=%d", generated);
             run_error(ctx);
-            end_run(h, plan->kv_before);
+            end_run(h, plan->kv_before, plan->kv_hash_before);
             return -1;
         }
-        bool paused = deliver_token(ctx, plan, generated);
+        bool paused = deliver_token(ctx, plan, generated, &kv_hash);
         generated++;
         kv++;
         if (paused)
@@ -1215,7 +1228,7 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
     log_event("FINISH", h->id, "reason=%s generated=%d kv=%d prefill_ms=%.1f generate_ms=%.1f", reason, generated,
               kv, (double)result.perf.prefill_time_ms, (double)result.perf.generate_time_ms);
     invoke(ctx, &result, RKLLM_RUN_FINISH);
-    end_run(h, kv);
+    end_run(h, kv, kv_hash);
     return 0;
 }
 
@@ -1296,7 +1309,7 @@ EXPORT int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInfer
     pthread_attr_destroy(&attr);
     if (err) {
         fprintf(stderr, "E rkllm: cannot start the inference thread: %s\n", strerror(err));
-        end_run(job->ctx.h, job->plan.kv_before);
+        end_run(job->ctx.h, job->plan.kv_before, job->plan.kv_hash_before);
         plan_free(&job->plan);
         free(job);
         return -1;
@@ -1400,6 +1413,7 @@ EXPORT int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *s
     if (!start_pos && !end_pos) {
         int keep = keep_system_prompt ? h->system_tokens : 0;
         h->kv_len = h->kv_len < keep ? h->kv_len : keep;
+        h->kv_hash = FNV_BASIS;
     } else if (!start_pos || !end_pos) {
         violation(h->id, "rkllm_clear_kv_cache: start_pos and end_pos must both be NULL or both be arrays");
         rc = -1;

@@ -23,6 +23,7 @@ name = "Qwen2.5-1.5B-Instruct"
 path = "/models/q.rkllm"
 memory_mb = 1659
 pinned = true
+kv_slots = 2
 
 [[models]]
 name = "DeepSeek-R1-Distill-Qwen-1.5B"
@@ -51,6 +52,7 @@ def test_the_documented_format_loads(tmp_path):
     assert config.port == 9000 and config.think == "inline" and config.rknpu.load_path == "/tmp/load"
     qwen, r1, custom = config.models
     assert qwen.pinned and qwen.memory_mb == 1659 and r1.kind == "reasoning" and r1.queue_size == 2
+    assert qwen.kv_slots == 2 and r1.kv_slots == 1, "one KV slot unless configured"
     assert config.template_for(custom).user == ("U:", "\n")
     assert config.routing.reasoning_keywords == ("why",)
 
@@ -64,6 +66,7 @@ def test_the_documented_format_loads(tmp_path):
         ("[[models]]\nname = 'a'\npath = '/a'\n[[models]]\nname = 'a'\npath = '/b'", "unique"),
         ("[[models]]\nname = 'auto'\npath = '/a'", "reserved"),
         ("[[models]]\nname = 'a'\npath = '/a'\ncontext_length = 99999", "context_length"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nkv_slots = 0", "kv_slots"),
         ("this is = not toml [", "not valid TOML"),
     ],
 )

@@ -1,0 +1,275 @@
+"""KV slots: several conversations' caches per model, over the real binding and the C double.
+
+The double's replies depend on everything in the handle's KV cache (tests/fakelib/README.md), so a
+turn that continued the wrong conversation's cache answers differently from the same conversation
+prefilled whole on a server that never reuses its cache.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import QWEN, log_lines, model_entry, start_server
+from test_server_ops import samples
+
+from rkllm_runtime.config import parse_config
+from rkllm_runtime.registry import KvSlot, LoadedModel
+from rkllm_runtime.scheduler import Job, choose_slot
+
+__all__ = ["start_server"]
+
+MODEL = frozenset({("model", QWEN)})
+
+
+class Conversation:
+    """One chat's messages; each turn sends the whole history, as OpenAI clients do."""
+
+    def __init__(self, opening: str) -> None:
+        self.opening = opening
+        self.messages: list[dict[str, str]] = []
+
+    def turn(self, http: httpx.Client, index: int) -> dict[str, Any]:
+        self.messages.append({"role": "user", "content": f"{self.opening}, turn {index}"})
+        answer = http.post("/v1/chat/completions", json={"model": QWEN, "messages": self.messages})
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        self.messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        return body
+
+
+def cached(body: dict[str, Any]) -> int:
+    return int(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def run_handles(double_log) -> list[str]:
+    """The double's handle id of every rkllm_run, in order."""
+    return [re.search(r"handle=(\d+)", line).group(1) for line in log_lines(double_log, "RUN")]
+
+
+def metric(http: httpx.Client, name: str, labels: frozenset = MODEL) -> float:
+    return samples(http.get("/metrics").text).get((name, labels), 0.0)
+
+
+def slot_states(http: httpx.Client) -> dict[str, str]:
+    """slot index -> the state whose series is 1."""
+    values = samples(http.get("/metrics").text)
+    return {
+        dict(labels)["slot"]: dict(labels)["state"]
+        for (name, labels), value in values.items()
+        if name == "rkllm_kv_slot_state" and dict(labels)["model"] == QWEN and value == 1
+    }
+
+
+# --- slot choice, as a pure function -------------------------------------------------------------
+
+
+def loaded_with(texts: list[str], last_used: list[float], kv_cache_reuse: bool = True) -> LoadedModel:
+    config = parse_config(
+        {"models": [{"name": "m", "path": "/m", "kv_slots": len(texts), "kv_cache_reuse": kv_cache_reuse}]}
+    )
+    slots = [
+        KvSlot(index, engine=None, kv_text=text, last_used=used)  # type: ignore[arg-type]
+        for index, (text, used) in enumerate(zip(texts, last_used, strict=True))
+    ]
+    return LoadedModel(config.models[0], slots, load_seconds=0.0, loaded_at=0.0)
+
+
+def test_the_slot_holding_the_longest_prefix_wins():
+    model = loaded_with(["<a>", "<a><b>", "<c>"], last_used=[3.0, 1.0, 2.0])
+    assert choose_slot(model, Job("<a><b><d>")).index == 1
+    assert choose_slot(model, Job("<a><x>")).index == 0
+
+
+def test_a_new_conversation_takes_an_empty_slot_before_evicting():
+    model = loaded_with(["<a>", "", "<c>"], last_used=[1.0, 5.0, 2.0])
+    assert choose_slot(model, Job("<new>")).index == 1
+
+
+def test_without_an_empty_slot_the_least_recently_used_is_reused():
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[3.0, 1.0, 2.0])
+    assert choose_slot(model, Job("<new>")).index == 1
+
+
+def test_a_cache_built_under_other_tools_is_not_continued():
+    tools = '[{"type": "function"}]'
+    model = loaded_with(["<a>", "<b>"], last_used=[9.0, 1.0])
+    model.slots[0].tools_json = tools
+    assert choose_slot(model, Job("<a><more>", tools_json=tools)).index == 0
+    assert choose_slot(model, Job("<a><more>")).index == 1, "the least recently used, not a continuation"
+
+
+def test_with_cache_reuse_off_no_slot_is_continued():
+    model = loaded_with(["<a>", "<b>"], last_used=[2.0, 1.0], kv_cache_reuse=False)
+    assert choose_slot(model, Job("<a><more>")).index == 1
+
+
+# --- end to end: the real server, binding and double ---------------------------------------------
+
+
+def test_interleaved_conversations_each_continue_their_own_history(start_server, make_model, double_log):
+    slotted = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
+    fresh = start_server([model_entry(make_model, QWEN, config={"kv_cache_reuse": False})])
+    first, second = Conversation("about boards"), Conversation("about fleets")
+    with slotted.http() as http:
+        for index in range(1, 5):
+            for conversation in (first, second):
+                body = conversation.turn(http, index)
+                assert (cached(body) > 0) == (index > 1), (conversation.opening, index, body["usage"])
+        evictions = metric(http, "rkllm_kv_slot_evictions_total")
+    handles = run_handles(double_log)
+    assert handles[0::2] == [handles[0]] * 4 and handles[1::2] == [handles[1]] * 4 != handles[0::2], handles
+    assert evictions == 0
+    # The same conversations prefilled whole on a server that never reuses a cache.
+    with fresh.http() as http:
+        for conversation in (first, second):
+            replay = Conversation(conversation.opening)
+            for index in range(1, 5):
+                replay.turn(http, index)
+            assert replay.messages == conversation.messages, "a slotted turn continued someone else's history"
+
+
+def test_one_slot_shared_by_two_conversations_evicts_every_turn(start_server, make_model):
+    server = start_server([model_entry(make_model, QWEN)])
+    first, second = Conversation("about boards"), Conversation("about fleets")
+    with server.http() as http:
+        bodies = [conversation.turn(http, index) for index in (1, 2, 3) for conversation in (first, second)]
+        assert [cached(body) for body in bodies] == [0] * 6
+        assert metric(http, "rkllm_kv_slot_evictions_total") == 5
+        assert metric(http, "rkllm_prompt_tokens_cached_total") == 0
+
+
+def test_the_least_recently_used_conversation_is_evicted(start_server, make_model):
+    server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
+    a, b, c = Conversation("a"), Conversation("b"), Conversation("c")
+    with server.http() as http:
+        a.turn(http, 1)
+        b.turn(http, 1)
+        assert cached(a.turn(http, 2)) > 0
+        c.turn(http, 1)  # both slots hold a conversation: b's was used least recently
+        assert metric(http, "rkllm_kv_slot_evictions_total") == 1
+        assert cached(a.turn(http, 3)) > 0, "a's slot was kept"
+        assert cached(b.turn(http, 2)) == 0, "b's cache was the one reused"
+        assert cached(c.turn(http, 2)) == 0, "b took c's slot, the least recently used by then"
+        assert metric(http, "rkllm_kv_slot_evictions_total") == 3
+
+
+def test_a_turn_goes_to_the_slot_holding_the_most_of_its_conversation(start_server, make_model, double_log):
+    server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
+    conversation = Conversation("forked")
+    with server.http() as http:
+        conversation.turn(http, 1)
+        # The same first turn again: the first slot holds more than this prompt, so it takes the empty one.
+        retry = http.post("/v1/chat/completions", json={"model": QWEN, "messages": conversation.messages[:1]})
+        assert cached(retry.json()) == 0
+        second = conversation.turn(http, 2)  # both slots hold turn 1 in full
+        third = conversation.turn(http, 3)  # only the slot that ran turn 2 holds turn 2
+    handles = run_handles(double_log)
+    assert handles[0] != handles[1] and handles[3] == handles[2], handles
+    assert cached(third) > cached(second) > 0
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_ready_leaves_conversation_caches_alone(start_server, make_model, double_log, slots):
+    server = start_server([model_entry(make_model, QWEN, config={"kv_slots": slots, "pinned": True})])
+    conversation = Conversation("kept")
+    with server.http() as http:
+        conversation.turn(http, 1)
+        holder = f"handle={run_handles(double_log)[-1]} "
+        before = log_lines(double_log, "")
+        for _ in range(3):
+            ready = http.get("/ready")
+            assert ready.status_code == 200 and ready.json()["models"] == {QWEN: "ok"}, ready.text
+        during = log_lines(double_log, "")[len(before) :]
+        assert [line for line in during if holder in line] == [], "its handle was neither run nor cleared"
+        # With an empty slot the probe generates there; a slot holding a conversation is only queried.
+        assert sum(line.startswith("RUN") for line in during) == (3 if slots == 2 else 0)
+        assert cached(conversation.turn(http, 2)) > 0, "the conversation's cache survived /ready"
+
+
+def test_ready_reinitialises_only_the_broken_slot(start_server, make_model, double_log):
+    server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2, "pinned": True})])
+    conversation = Conversation("survivor")
+    with server.http() as http:
+        conversation.turn(http, 1)
+        model = server.scheduler.registry.get(QWEN)
+        broken = next(slot for slot in model.slots if not slot.kv_text)
+        broken.engine.close()  # the handle is gone behind the server's back
+        assert http.get("/ready").status_code == 200
+        assert len(log_lines(double_log, "INIT")) == 3, "one fresh handle besides the two slots"
+        assert cached(conversation.turn(http, 2)) > 0
+
+
+def test_the_memory_budget_counts_every_slot(start_server, make_model, double_log):
+    other = "Other-Model"
+    server = start_server(
+        [
+            model_entry(make_model, QWEN, memory_mb=400, config={"memory_mb": 400, "kv_slots": 2}),
+            model_entry(make_model, other, memory_mb=400, config={"memory_mb": 400}),
+            model_entry(make_model, "Too-Big", memory_mb=400, config={"memory_mb": 400, "kv_slots": 3}),
+        ],
+        npu_memory_budget_mb=1000,
+    )
+    with server.http() as http:
+        assert Conversation("q").turn(http, 1)["model"] == QWEN
+        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [QWEN]
+        # 800 MB held by two slots: another 400 MB model does not fit beside them.
+        answer = http.post(
+            "/v1/chat/completions", json={"model": other, "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert answer.status_code == 200, answer.text
+        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [other], (
+            "the idle slots were evicted"
+        )
+        too_big = http.post(
+            "/v1/chat/completions", json={"model": "Too-Big", "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert too_big.status_code == 503 and "3 KV slots" in too_big.text, too_big.text
+        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [other], "nothing evicted for it"
+        assert metric(http, "rkllm_model_memory_bytes") == 0
+    assert len(log_lines(double_log, "INIT")) == 3
+
+
+def test_slots_that_overflow_one_npu_domain_go_to_the_next(start_server, make_model, double_log):
+    server = start_server(
+        [model_entry(make_model, QWEN, memory_mb=3000, config={"memory_mb": 3000, "kv_slots": 2})]
+    )
+    with server.http() as http:
+        assert Conversation("big").turn(http, 1)["choices"][0]["message"]["content"]
+        assert metric(http, "rkllm_model_memory_bytes") == 2 * 3000 * 1024 * 1024
+    domains = [re.search(r"base_domain_id=(\d+)", line).group(1) for line in log_lines(double_log, "INIT")]
+    assert domains == ["0", "1"]
+
+
+def test_cache_and_slot_metrics_follow_the_conversations(start_server, make_model):
+    server = start_server(
+        [model_entry(make_model, QWEN, decode_tokens_per_second=100, reply_tokens=30, config={"kv_slots": 2})]
+    )
+    conversation = Conversation("metered")
+    with server.http() as http:
+        assert slot_states(http) == {}, "no slot exists before the model loads"
+        first = conversation.turn(http, 1)
+        assert slot_states(http) == {"0": "holding", "1": "empty"}
+        second = conversation.turn(http, 2)
+        assert metric(http, "rkllm_prompt_tokens_cached_total") == cached(second) > 0
+        prefilled = metric(http, "rkllm_prompt_tokens_total")
+        assert prefilled == first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"] - cached(
+            second
+        )
+        conversation.messages.append({"role": "user", "content": "and streaming?"})
+        with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": QWEN, "messages": conversation.messages, "stream": True},
+        ) as streamed:
+            # Keep the iterator: closing it would close the stream and abort the run.
+            lines = streamed.iter_lines()
+            assert '"content"' in next(lines)
+            assert slot_states(http) == {"0": "running", "1": "empty"}
+            assert "data: [DONE]" in list(lines)
+        assert slot_states(http) == {"0": "holding", "1": "empty"}
+        unload = http.post("/api/generate", json={"model": QWEN, "prompt": "", "keep_alive": 0})
+        assert unload.status_code == 200
+        assert slot_states(http) == {}
