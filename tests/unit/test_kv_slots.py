@@ -7,15 +7,21 @@ prefilled whole on a server that never reuses its cache.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from balancer_harness import ANSIBLE_PLAYBOOK, REPO, local_host
 from server_harness import QWEN, log_lines, model_entry, start_server
 from test_server_ops import samples
+from test_server_templates import render_server_config
 
-from rkllm_runtime.config import parse_config
+from rkllm_runtime.config import load_config, parse_config
 from rkllm_runtime.registry import KvSlot, LoadedModel
 from rkllm_runtime.scheduler import Job, choose_slot
 
@@ -273,3 +279,94 @@ def test_cache_and_slot_metrics_follow_the_conversations(start_server, make_mode
         unload = http.post("/api/generate", json={"model": QWEN, "prompt": "", "keep_alive": 0})
         assert unload.status_code == 200
         assert slot_states(http) == {}
+
+
+# --- the roles: slot counts from the board's RAM, rendered into the server config ----------------
+
+CHOICE_PLAY = """\
+- name: Choose the KV slots as rkllm_models does
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Include the choice
+      ansible.builtin.include_role:
+        name: rkllm_models
+        tasks_from: kv_slots
+    - name: Write it down
+      ansible.builtin.copy:
+        content: "{{ _rkllm_models_kv_slots | to_json }}"
+        dest: "{{ choice_path }}"
+        mode: "0644"
+"""
+BOTH = ["Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"]  # 1660 MB each in the catalog
+
+
+def choose_slots(workdir: Path, mem_total_kb: int, **role_vars: Any) -> dict[str, int]:
+    """Run rkllm_models' KV slot choice and RAM check on this machine against a fake meminfo."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    meminfo = workdir / "meminfo"
+    meminfo.write_text(f"MemTotal:       {mem_total_kb} kB\nMemFree:        {mem_total_kb // 2} kB\n")
+    host = {
+        **local_host(),
+        "rkllm_models_meminfo_path": str(meminfo),
+        "choice_path": str(workdir / "choice.json"),
+    }
+    (workdir / "inventory.json").write_text(json.dumps({"all": {"hosts": {"board1": host}}}))
+    (workdir / "vars.json").write_text(json.dumps(role_vars))
+    (workdir / "play.yml").write_text(CHOICE_PLAY)
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    done = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", "inventory.json", "-e", "@vars.json", "play.yml"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stdout + done.stderr)
+    return dict(json.loads((workdir / "choice.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("mem_total_kb", "role_vars", "expected"),
+    [
+        # 8192 - 1024 reserved = 7168 MB: both models twice (6640 MB).
+        (8388608, {"rkllm_models_enabled": BOTH}, {BOTH[0]: 2, BOTH[1]: 2}),
+        # 4096 - 1024 = 3072 MB: one copy each is all there is room for.
+        (4194304, {"rkllm_models_enabled": BOTH[:1]}, {BOTH[0]: 1}),
+        (
+            16777216,
+            {"rkllm_models_enabled": BOTH, "rkllm_models_kv_slots_target": 3},
+            {BOTH[0]: 3, BOTH[1]: 3},
+        ),
+        # A fixed count is served first; the other model gets what is left.
+        (
+            8388608,
+            {"rkllm_models_enabled": BOTH, "rkllm_server_model_settings": {BOTH[0]: {"kv_slots": 3}}},
+            {BOTH[0]: 3, BOTH[1]: 1},
+        ),
+    ],
+)
+def test_the_models_role_chooses_slots_from_the_boards_ram(tmp_path, mem_total_kb, role_vars, expected):
+    assert choose_slots(tmp_path, mem_total_kb, **role_vars) == expected
+
+
+def test_the_ram_preflight_counts_every_slot(tmp_path):
+    settings = {BOTH[0]: {"kv_slots": 5}}
+    with pytest.raises(RuntimeError) as refused:
+        choose_slots(tmp_path, 8388608, rkllm_models_enabled=BOTH[:1], rkllm_server_model_settings=settings)
+    assert (
+        "board1: model Qwen2.5-1.5B-Instruct needs 8300 MB of RAM (5 KV slots of 1660 MB) but the board has "
+        "8192 MB"
+    ) in " ".join(str(refused.value).split())
+
+
+def test_the_server_role_renders_the_chosen_slots_and_its_override(tmp_path, make_model):
+    model = {"name": QWEN, "path": str(make_model("q")), "kind": "quick", "memory_mb": 1660, "kv_slots": 2}
+    other = {**model, "name": "Other", "kv_slots": 2}
+    config_path = render_server_config(
+        tmp_path / "render", [model, other], rkllm_server_model_settings={"Other": {"kv_slots": 3}}
+    )
+    assert [m.kv_slots for m in load_config(config_path).models] == [2, 3]
