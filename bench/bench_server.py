@@ -9,7 +9,11 @@ client is this process (httpx), which shares the machine's cores with it.
   2. time to first token added by HTTP over a direct in-process Engine call (1-token runs);
   3. server RSS idle with one model handle open, the double's own mappings excluded;
   4. multi-turn TTFT, turn 1 vs turn 10, double at Qwen2.5-1.5B speed, with and without KV reuse;
-  5. 8 concurrent clients on one handle: all answered, none mixed, no concurrent run in the double's log.
+  5. 8 concurrent clients on one handle: all answered, none mixed, no concurrent run in the double's log;
+  6. two conversations taking turns on one board at Qwen2.5-1.5B speed, kv_slots 1 vs 2: TTFT of
+     turn N over turn 1 and the share of prompt tokens served from the KV cache (server metrics).
+
+--conversations-only runs section 6 alone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from rkllm_runtime.engine import Engine, GenerationRequest, ModelParams, TokenEvent
 from rkllm_runtime.library import load_library
@@ -197,6 +202,55 @@ def multi_turn(library: Path, model: Path, directory: Path, reuse: bool, turns: 
     return firsts
 
 
+def interleaved_conversations(
+    library: Path, model: Path, directory: Path, slots: int, turns: int
+) -> tuple[list[list[float]], float, float]:
+    """TTFT of every turn of two conversations taking turns, the cache share and the slot evictions."""
+    with (
+        server(library, model, directory, kv_slots=slots) as (url, _),
+        httpx.Client(base_url=url, timeout=120) as http,
+    ):
+        system = {"role": "system", "content": "You are a helpful assistant on an RK3588 board."}
+        conversations: list[list[dict[str, str]]] = [[system], [system]]
+        firsts: list[list[float]] = [[], []]
+        for turn in range(turns):
+            for index, messages in enumerate(conversations):
+                question = f"Conversation {index}, question {turn}: what does the NPU do?"
+                messages.append({"role": "user", "content": question})
+                first, _, text = stream_chat(http, chat_body(messages, max_tokens=8))
+                firsts[index].append(first)
+                messages.append({"role": "assistant", "content": text})
+        totals = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(http.get("/metrics").text)
+            for sample in family.samples
+            if sample.labels.get("model") == MODEL
+        }
+    cached, prefilled = totals["rkllm_prompt_tokens_cached_total"], totals["rkllm_prompt_tokens_total"]
+    return firsts, cached / (cached + prefilled), totals["rkllm_kv_slot_evictions_total"]
+
+
+def conversation_rows(library: Path, directory: Path, turns: int) -> list[tuple[str, str]]:
+    qwen = write_model(
+        directory, "qwen-slots", decode_tokens_per_second=16.3, prefill_ms_per_token=3.22, reply_tokens=48
+    )
+    rows = []
+    for slots in (1, 2):
+        firsts, share, evictions = interleaved_conversations(library, qwen, directory, slots, turns)
+        first_turn = statistics.median(f[0] for f in firsts)
+        last_turn = statistics.median(f[-1] for f in firsts)
+        rows.append(
+            (
+                f"Two conversations taking turns on one board, Qwen2.5-1.5B speed, kv_slots {slots} "
+                f"({turns} turns each; goal with 2 slots: turn {turns} ≤ 1.3x turn 1, ≥ 85 % cached)",
+                f"turn 1 {first_turn * 1000:.0f} ms, turn {turns} {last_turn * 1000:.0f} ms, "
+                f"ratio {last_turn / first_turn:.2f}; {share:.0%} of prompt tokens from the KV cache; "
+                f"{evictions:.0f} slot evictions",
+            )
+        )
+    return rows
+
+
 def concurrent_clients(
     library: Path, model: Path, directory: Path, clients: int
 ) -> tuple[int, int, int, int]:
@@ -228,10 +282,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--conversation-turns", type=int, default=8)
+    parser.add_argument("--conversations-only", action="store_true")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
+        if args.conversations_only:
+            print_table(conversation_rows(args.library, directory, args.conversation_turns))
+            return
         flat = write_model(directory, "flat", reply_tokens=args.tokens)
         direct_rate, direct_firsts = direct_runs(args.library, flat, args.tokens, args.repeats)
         with (
@@ -301,6 +360,11 @@ def main() -> None:
                 f"{overlaps} overlapping runs in the double's log",
             )
         )
+        rows += conversation_rows(args.library, directory, args.conversation_turns)
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     print("| benchmark | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
