@@ -66,7 +66,8 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Every pinned (and every loaded) model answers a one-token generation; failures re-init."""
+        """Every pinned (and every loaded) model's handles answer without a conversation's cache being
+        touched (Scheduler.probe); failures re-init."""
         names = {m.name for m in config.models if m.pinned} | {
             m.config.name for m in scheduler.registry.loaded()
         }
