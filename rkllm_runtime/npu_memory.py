@@ -1,6 +1,7 @@
 """Where several models live on one board: base_domain_id policy and the memory budget.
 
-One process, one rkllm handle per model. librkllmrt supports several instances in one process
+One process, one rkllm handle per model and KV slot (each handle loads the weights, so a model
+with kv_slots = 2 places and counts memory_mb twice). librkllmrt supports several instances in one process
 since 1.2.2 ("multi-instance inference"; before that two handles produced garbage, rknn-llm #367),
 and one process keeps a single scheduler, one HTTP port and one metrics view, with no IPC on the
 token path. A process per model (rkllama's answer to the pre-1.2.2 bug) is not needed with 1.2.3.

@@ -390,7 +390,8 @@ class Scheduler:
         slot: KvSlot | None = None
         try:
             await ticket.wait()
-            model = await self.registry.ensure(model_name)
+            # A probe does not count as use: it must not change which model is evicted first.
+            model = self.registry.get(model_name) or await self.registry.ensure(model_name)
             generated = False
             for index in range(len(model.slots)):
                 slot = model.slots[index]
