@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,20 @@ def test_interleaved_conversations_each_continue_their_own_history(start_server,
             for index in range(1, 5):
                 replay.turn(http, index)
             assert replay.messages == conversation.messages, "a slotted turn continued someone else's history"
+
+
+def test_slots_still_run_one_generation_at_a_time(start_server, make_model, double_log):
+    server = start_server(
+        [model_entry(make_model, QWEN, decode_tokens_per_second=200, reply_tokens=10, config={"kv_slots": 2})]
+    )
+    conversations = [Conversation(f"client {i}") for i in range(4)]
+    with server.http() as http, ThreadPoolExecutor(len(conversations)) as pool:
+        for index in (1, 2):
+            bodies = list(pool.map(Conversation.turn, conversations, [http] * 4, [index] * 4))
+            assert all(body["choices"][0]["message"]["content"] for body in bodies)
+    events = [line.split()[0] for line in log_lines(double_log, "") if line.split()[0] in ("RUN", "FINISH")]
+    assert len(events) == 16 and events == ["RUN", "FINISH"] * 8, "two runs overlapped on the NPU"
+    assert log_lines(double_log, "VIOLATION") == []
 
 
 def test_one_slot_shared_by_two_conversations_evicts_every_turn(start_server, make_model):
