@@ -210,12 +210,15 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
     wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
     stopped_at = time.time()
     fleet.stop("board3")
-    others = ("board1", "board2")
-    served_by_others = sum(generated(fleet, boards=others).values())
-    # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
-    wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
-               "the rest of the fleet serves while board3 is down")
-    fleet.start("board3")
+    try:
+        others = ("board1", "board2")
+        served_by_others = sum(generated(fleet, boards=others).values())
+        # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
+        wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
+                   "the rest of the fleet serves while board3 is down")
+    finally:
+        # Started again even when the check failed: the later tests need all three boards.
+        fleet.start("board3")
     wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
     # The firewall unit reloaded the table at boot.
     assert "table inet rkllm_fleet" in fleet.board("board3").exec(["nft", "list", "tables"]).stdout

@@ -186,13 +186,15 @@ def test_a_kernel_package_takes_effect_at_a_reboot_from_inside(fleet: Fleet) -> 
 
 
 def test_stopped_board_is_unreachable_until_started(fleet: Fleet) -> None:
-    fleet.stop("board1")
-    assert not fleet.board("board1").is_running()
-    with pytest.raises(SimError, match="not running"):
-        fleet.board("board1").exec(["true"])
     ssh_board1 = fleet.board("board1").ssh_args("hostname")
-    assert fleet.client_exec(ssh_board1, check=False).returncode != 0
-    fleet.start("board1")
+    fleet.stop("board1")
+    try:
+        assert not fleet.board("board1").is_running()
+        with pytest.raises(SimError, match="not running"):
+            fleet.board("board1").exec(["true"])
+        assert fleet.client_exec(ssh_board1, check=False).returncode != 0
+    finally:
+        fleet.start("board1")
     assert fleet.client_exec(ssh_board1).stdout == "board1\n"
 
 
