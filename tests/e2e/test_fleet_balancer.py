@@ -158,14 +158,33 @@ def test_board_port_only_from_balancer_and_ssh_survives_second_apply(fleet: Flee
     assert tables.count("table inet rkllm_fleet") == 1
 
 
+def access_log_length(fleet: Fleet) -> int:
+    return int(fleet.balancer.exec(["wc", "-l", "/var/log/nginx/access.log"]).stdout.split()[0])
+
+
+def chat_requests_logged_since(fleet: Fleet, length: int) -> list[str]:
+    """Chat completion lines of the balancer's access log written after it had `length` lines."""
+    log = fleet.balancer.exec(["tail", "-n", f"+{length + 1}", "/var/log/nginx/access.log"]).stdout
+    return [line for line in log.splitlines() if '"POST /v1/chat/completions ' in line]
+
+
 def test_requests_for_a_model_land_only_on_boards_hosting_it(fleet: Fleet) -> None:
-    before = generated(fleet, DEEPSEEK)
+    def completed_on_board1() -> float:
+        metrics = board_metrics(fleet, "board1")
+        return metric_total(metrics, "rkllm_e2e_request_latency_seconds_count", DEEPSEEK)
+
+    completed_before = completed_on_board1()
+    log_length = access_log_length(fleet)
     records = client_load(fleet, "batch", "--model", DEEPSEEK, "--count", "4", "--max-tokens", "4")["records"]
     assert failures(records) == []
-    after = generated(fleet, DEEPSEEK)
-    assert after["board1"] > before["board1"]
-    assert after["board2"] == before["board2"] == 0
-    assert after["board3"] == before["board3"] == 0
+    assert completed_on_board1() - completed_before == 4
+    # nginx writes a request's line just after its last byte: wait for all four.
+    wait_until(lambda: len(chat_requests_logged_since(fleet, log_length)) >= 4, "4 requests logged by nginx")
+    logged = chat_requests_logged_since(fleet, log_length)
+    # Every upstream nginx tried for each request (retries included) was board1: board2 and board3,
+    # which do not host the model, never received one.
+    board1 = f"{fleet.board('board1').address}:8080"
+    assert [re.findall(r' ua="([^"]*)"', line) for line in logged] == [[board1]] * 4, logged
 
 
 def test_kill_9_of_a_server_under_load_fails_no_later_request(fleet: Fleet, background_load) -> None:
@@ -191,12 +210,15 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
     wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
     stopped_at = time.time()
     fleet.stop("board3")
-    others = ("board1", "board2")
-    served_by_others = sum(generated(fleet, boards=others).values())
-    # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
-    wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
-               "the rest of the fleet serves while board3 is down")
-    fleet.start("board3")
+    try:
+        others = ("board1", "board2")
+        served_by_others = sum(generated(fleet, boards=others).values())
+        # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
+        wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
+                   "the rest of the fleet serves while board3 is down")
+    finally:
+        # Started again even when the check failed: the later tests need all three boards.
+        fleet.start("board3")
     wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
     # The firewall unit reloaded the table at boot.
     assert "table inet rkllm_fleet" in fleet.board("board3").exec(["nft", "list", "tables"]).stdout
@@ -215,14 +237,22 @@ def nginx_workers(fleet: Fleet) -> set[str]:
 def test_overload_gives_only_200_or_503_with_retry_after(fleet: Fleet) -> None:
     capacity = len(BOARDS) * (1 + QUEUE_SIZE)
     peaks = dict.fromkeys(BOARDS, 0.0)
+    sampler_errors: list[BaseException] = []
     sampling = threading.Event()
 
     def sample_queues() -> None:
-        while not sampling.is_set():
-            for board in BOARDS:
-                waiting = metric_total(board_metrics(fleet, board), "rkllm_requests_waiting")
-                peaks[board] = max(peaks[board], waiting)
+        try:
+            while not sampling.is_set():
+                for board in BOARDS:
+                    waiting = metric_total(board_metrics(fleet, board), "rkllm_requests_waiting")
+                    peaks[board] = max(peaks[board], waiting)
+        except BaseException as error:  # reported by the test below, not lost with the thread
+            sampler_errors.append(error)
 
+    def refused_by(board: str) -> float:
+        return metric_total(board_metrics(fleet, board), "rkllm_requests_rejected_total")
+
+    refused_before = {board: refused_by(board) for board in BOARDS}
     sampler = threading.Thread(target=sample_queues)
     sampler.start()
     try:
@@ -233,6 +263,11 @@ def test_overload_gives_only_200_or_503_with_retry_after(fleet: Fleet) -> None:
         sampler.join()
     statuses = sorted({r.get("status") for r in records}, key=str)
     print(f"overload {4 * capacity} requests: statuses {statuses}, queue peaks {peaks}")
+    assert sampler_errors == []
+    # The burst filled every board's queue (so the bound below was tested) and no further.
+    assert all(peak > 0 for peak in peaks.values()), peaks
+    # nginx refused the overflow itself: no board refused a request (each refusal counts there).
+    assert {board: refused_by(board) - refused_before[board] for board in BOARDS} == dict.fromkeys(BOARDS, 0)
     assert all("error" not in r for r in records), [r for r in records if "error" in r][:3]
     assert {r["status"] for r in records} <= {200, 503}
     assert all(int(r["retry_after"]) >= 1 for r in records if r["status"] == 503)

@@ -23,15 +23,26 @@ READY_STATES = ("running", "degraded")
 REBOOT_LOOP = 'while :; do "$@"; status=$?; [ "$status" -eq 133 ] || exit "$status"; done'
 # nspawn puts the container in "<its own cgroup>/payload". Started from one cgroup, every container on
 # the machine would share that payload and each container's systemd would create and remove the same
-# unit cgroups (units then fail with 219/CGROUP), so each host's loop first moves into its own cgroup.
-OWN_CGROUP = 'mkdir -p "$cg" && echo $$ > "$cg/cgroup.procs" || echo "fleet-sim: no own cgroup $cg" >&2; '
+# unit cgroups (units then fail with 219/CGROUP), so each host's loop first moves into its own cgroup,
+# in every hierarchy systemd tracks processes in.
+OWN_CGROUP = ('for cg in "$@"; do shift; [ "$cg" = -- ] && break; mkdir -p "$cg" && '
+              'echo $$ > "$cg/cgroup.procs" || echo "fleet-sim: no own cgroup $cg" >&2; done; ')
 CGROUP_PARENT = "rkllm-fleet"
 
 
-def _cgroup_hierarchy() -> Path:
-    """The hierarchy nspawn places containers in: name=systemd when mounted (hybrid/legacy), else v2."""
-    legacy = Path("/sys/fs/cgroup/systemd")
-    return legacy if (legacy / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+def _cgroup_hierarchies() -> list[Path]:
+    """Where systemd (nspawn's and the container's) tracks processes.
+
+    Pure cgroup v2: /sys/fs/cgroup. Hybrid: the v2 hierarchy at /sys/fs/cgroup/unified is the one
+    nspawn takes the container's cgroup from, and name=systemd mirrors it, so both count. Legacy:
+    name=systemd only.
+    """
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        return [root]
+    return [path for path in (root / "unified", root / "systemd") if (path / "cgroup.procs").exists()]
+
+
 # Emulated arm64 boots and halts several times slower than native amd64.
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 HALT_TIMEOUT = {"amd64": 30.0, "arm64": 90.0}
@@ -166,17 +177,16 @@ class Host:
         return self.pid1() is not None
 
     @property
-    def cgroup_dir(self) -> Path:
-        return _cgroup_hierarchy() / CGROUP_PARENT / self.spec.machine
+    def cgroup_dirs(self) -> list[Path]:
+        return [hierarchy / CGROUP_PARENT / self.spec.machine for hierarchy in _cgroup_hierarchies()]
 
     def remove_cgroup(self) -> None:
-        """Remove the host's (empty) cgroup tree, deepest first; busy or missing dirs are left alone."""
-        if not self.cgroup_dir.is_dir():
-            return
-        tree = [Path(root) for root, _dirs, _files in os.walk(self.cgroup_dir)]
-        for directory in sorted(tree, key=lambda path: len(path.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        """Remove the host's (empty) cgroup trees, deepest first; busy or missing dirs are left alone."""
+        for cgroup_dir in self.cgroup_dirs:
+            tree = [Path(root) for root, _dirs, _files in os.walk(cgroup_dir)]
+            for directory in sorted(tree, key=lambda path: len(path.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     def start(self) -> None:
         """Launch systemd-nspawn detached; wait_ready() completes the boot."""
@@ -190,8 +200,8 @@ class Host:
                 f"--hostname={self.spec.name}", f"--machine={self.spec.machine}",
                 "-D", str(self.spec.root)]
         with log_path.open("ab") as console:
-            script = f"cg={shlex.quote(str(self.cgroup_dir))}; {OWN_CGROUP}{REBOOT_LOOP}"
-            loop = ["/bin/sh", "-c", script, "fleet-sim-reboot-loop"]
+            loop = ["/bin/sh", "-c", OWN_CGROUP + REBOOT_LOOP, "fleet-sim-reboot-loop",
+                    *map(str, self.cgroup_dirs), "--"]
             self._nspawn = subprocess.Popen([*loop, *args],
                                             stdin=subprocess.DEVNULL, stdout=console,
                                             stderr=console, start_new_session=True)

@@ -75,6 +75,25 @@ def test_every_host_boots_without_failed_units(fleet: Fleet) -> None:
         assert host.exec(["systemctl", "is-system-running"]).stdout == "running\n"
 
 
+def _systemd_cgroups(pid: int) -> dict[str, str]:
+    """pid's cgroup in each hierarchy systemd tracks processes in: v2 ("0::") and name=systemd."""
+    entries = (line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+    return {controllers or "v2": path for _, controllers, path in entries
+            if controllers in ("", "name=systemd")}
+
+
+def test_every_host_boots_in_cgroups_of_its_own(fleet: Fleet) -> None:
+    # Containers sharing a cgroup remove each other's unit cgroups while booting: a unit of one host
+    # then fails with 219/CGROUP (seen as systemd-tmpfiles-setup.service failing on a fresh machine).
+    for host in fleet.hosts.values():
+        pid1 = host.pid1()
+        assert pid1 is not None, host.name
+        cgroups = _systemd_cgroups(pid1)
+        assert cgroups, f"{host.name}: no systemd hierarchy in /proc/{pid1}/cgroup"
+        for hierarchy, path in cgroups.items():
+            assert f"/{host.spec.machine}/payload/" in path, f"{host.name} {hierarchy}: {path}"
+
+
 def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
     inventory = yaml.safe_load(fleet.inventory_path.read_text())["all"]
     boards = inventory["children"]["rkllm_boards"]
@@ -167,13 +186,15 @@ def test_a_kernel_package_takes_effect_at_a_reboot_from_inside(fleet: Fleet) -> 
 
 
 def test_stopped_board_is_unreachable_until_started(fleet: Fleet) -> None:
-    fleet.stop("board1")
-    assert not fleet.board("board1").is_running()
-    with pytest.raises(SimError, match="not running"):
-        fleet.board("board1").exec(["true"])
     ssh_board1 = fleet.board("board1").ssh_args("hostname")
-    assert fleet.client_exec(ssh_board1, check=False).returncode != 0
-    fleet.start("board1")
+    fleet.stop("board1")
+    try:
+        assert not fleet.board("board1").is_running()
+        with pytest.raises(SimError, match="not running"):
+            fleet.board("board1").exec(["true"])
+        assert fleet.client_exec(ssh_board1, check=False).returncode != 0
+    finally:
+        fleet.start("board1")
     assert fleet.client_exec(ssh_board1).stdout == "board1\n"
 
 

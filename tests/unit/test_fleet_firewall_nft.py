@@ -107,11 +107,15 @@ def _listeners(board_ns: str) -> subprocess.Popen[bytes]:
 
 
 def _reaches(ns: str, address: str, port: int) -> bool:
+    # The kernels complete (or the table drops) the handshake within the connect call, however busy
+    # the machine, so a dropped SYN is told by a short connect timeout; the reply needs the listener
+    # process scheduled, which on a loaded machine can take long, so it gets a generous one.
     code = (
         "import socket, sys\n"
         f"fam = socket.AF_INET6 if ':' in {address!r} else socket.AF_INET\n"
-        "s = socket.socket(fam); s.settimeout(0.4)\n"
-        f"try:\n    s.connect(({address!r}, {port})); sys.exit(0 if s.recv(2) == b'ok' else 1)\n"
+        "s = socket.socket(fam); s.settimeout(1.0)\n"
+        f"try:\n    s.connect(({address!r}, {port})); s.settimeout(60)\n"
+        "    sys.exit(0 if s.recv(2) == b'ok' else 1)\n"
         "except OSError:\n    sys.exit(1)\n"
     )
     return _in(ns, sys.executable, "-c", code, check=False).returncode == 0

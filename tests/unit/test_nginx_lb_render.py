@@ -305,9 +305,20 @@ def test_tls_api_keys_and_rate_limit(balancers: dict[str, RenderedBalancer]) -> 
         assert response.json()["error"]["code"] == "rate_limited"
 
 
+@contextmanager
+def restored_file(path: Path) -> Iterator[None]:
+    """Put the file's current content back when the block ends."""
+    content = path.read_bytes()
+    try:
+        yield
+    finally:
+        path.write_bytes(content)
+
+
 def test_draining_by_graceful_reload_keeps_the_running_stream(balancers: dict[str, RenderedBalancer]) -> None:
     main = balancers["main"]
-    with running_nginx(main) as base, httpx.stream(
+    # The reload replaces main's configuration file: put it back, so later tests get main again.
+    with restored_file(main.conf), running_nginx(main) as base, httpx.stream(
         "POST", f"{base}/v1/chat/completions", json=chat("gamma", max_tokens=100, stream=True), timeout=30,
     ) as running:
         events = running.iter_lines()
