@@ -7,19 +7,20 @@ import itertools
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call
+from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
@@ -40,6 +41,9 @@ M = TypeVar("M", bound=BaseModel)
 
 AUTO_MODEL = "auto"
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned
+# Tool parameter schemas are the deepest legitimate bodies: a dozen nested objects stay far below.
+MAX_JSON_DEPTH = 64
+_UNACCEPTABLE_CHARACTER = re.compile("[\0\ud800-\udfff]")
 
 
 def scheduler_of(request: Request) -> Scheduler:
@@ -48,7 +52,11 @@ def scheduler_of(request: Request) -> Scheduler:
 
 
 async def read_json(request: Request, model: type[M]) -> M:
-    """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors."""
+    """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors.
+
+    Parsing and validation run on a worker thread: the pure-Python parts of a large body (the
+    string and depth walk) then share the CPU with the streams this event loop is serving.
+    """
     limit = scheduler_of(request).config.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -59,18 +67,113 @@ async def read_json(request: Request, model: type[M]) -> M:
         if size > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+    return await asyncio.to_thread(parse_body, b"".join(chunks), model)
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
     try:
-        data = json.loads(b"".join(chunks) or b"null")
+        data = json.loads(raw or b"null")
+    except RecursionError as exc:
+        raise bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    check_json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise bad_request(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def check_json_values(data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings the runtime cannot take as they are.
+
+    The runtime receives C strings: a NUL would silently end the prompt there (and the KV-cache
+    bookkeeping would record text the model never saw), and a lone surrogate has no UTF-8 form.
+    Both are refused rather than rewritten, so the model always sees exactly what was sent.
+    """
+    pending: list[tuple[object, int, tuple[str | int, ...]]] = [(data, 1, ())]
+    while pending:
+        value, depth, path = pending.pop()
+        if isinstance(value, str):
+            _check_string(value, path)
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(
+                    f"request body nests deeper than {MAX_JSON_DEPTH} levels", param=_param(path)
+                )
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_string(key, path)
+                pending.append((item, depth + 1, (*path, key)))
+
+
+def _check_string(text: str, path: tuple[str | int, ...]) -> None:
+    bad = _UNACCEPTABLE_CHARACTER.search(text)
+    if bad is None:
+        return
+    if bad.group() == "\0":
+        what = "a NUL character (U+0000): the runtime would cut the text there"
+    else:
+        what = f"a lone surrogate (U+{ord(bad.group()):04X}), which is not valid Unicode text"
+    raise bad_request(
+        f"{_param(path) or 'body'}: strings must not contain {what}",
+        param=_param(path),
+        code="invalid_string",
+    )
+
+
+def _param(path: tuple[str | int, ...]) -> str | None:
+    return ".".join(str(p) for p in path) or None
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionSpec(_Lenient):
+    """A function tool as both APIs declare it; checked here because the runtime refuses bad ones."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="1-64 letters, digits, '_', '.', ':' or '-'",
+    )
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description='a JSON Schema of type "object" (omitted: no parameters)'
+    )
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        if schema.get("type", "object") != "object":
+            raise ValueError('parameters must be a JSON Schema of type "object"')
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict) or not all(
+            isinstance(v, dict | bool) for v in properties.values()
+        ):
+            raise ValueError("parameters.properties must map each parameter name to a JSON Schema")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError("parameters.required must be a list of parameter names")
+        return schema
+
+
+class ToolSpec(_Lenient):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+def tools_text(tools: Sequence[ToolSpec] | None) -> str:
+    """The tools as the runtime's set_function_tools takes them ("" = none)."""
+    return tools_json([t.model_dump(exclude_none=True) for t in tools]) if tools else ""
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -22,6 +22,7 @@ from rkllm_runtime.api.common import (
     GuardedStream,
     Outcome,
     OutputAssembler,
+    ToolSpec,
     check_sampling,
     collect_whole,
     dumps,
@@ -32,10 +33,11 @@ from rkllm_runtime.api.common import (
     run_generation,
     scheduler_of,
     start_generation,
+    tools_text,
     until_disconnect,
 )
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
@@ -62,7 +64,7 @@ class Options(_Request):
 
 
 class FunctionCallIn(_Request):
-    name: str
+    name: str = Field(min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -119,7 +121,7 @@ class GenerateRequest(_Generation):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessageIn] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
 
 
 class ShowRequest(_Request):
@@ -239,7 +241,7 @@ async def chat(request: Request) -> Response:
     body.check(model)
     if not messages:
         return JSONResponse(await _load_or_unload(request, model, body.keep_alive, chat=True))
-    tools = tools_json(body.tools) if body.tools else ""
+    tools = tools_text(body.tools)
     job = Job(
         prompt=config.template_for(model).render(messages, model.system_prompt),
         max_tokens=body.max_tokens(),

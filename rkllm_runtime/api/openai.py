@@ -24,6 +24,7 @@ from rkllm_runtime.api.common import (
     GuardedStream,
     Outcome,
     OutputAssembler,
+    ToolSpec,
     check_sampling,
     collect_whole,
     dumps,
@@ -34,9 +35,10 @@ from rkllm_runtime.api.common import (
     run_generation,
     scheduler_of,
     start_generation,
+    tools_text,
 )
 from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
-from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.scheduler import Job
@@ -54,7 +56,7 @@ class TextPart(_Request):
 
 
 class FunctionCall(_Request):
-    name: str
+    name: str = Field(min_length=1)
     arguments: str = "{}"
 
 
@@ -75,9 +77,13 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ToolSpec(_Request):
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
     type: Literal["function"]
-    function: dict[str, Any]
+    function: NamedFunction
 
 
 class _Generation(_Request):
@@ -120,7 +126,7 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ToolSpec] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     reasoning_effort: str | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
@@ -225,11 +231,12 @@ async def chat_completions(request: Request) -> Response:
     )
     if body.tool_choice not in (None, "auto", "none"):
         raise bad_request(
-            "tool_choice: only 'auto' and 'none' are supported", param="tool_choice", code="unsupported_value"
+            "tool_choice: only 'auto' and 'none' are supported (the runtime cannot force a call); "
+            "send 'auto' and describe in the prompt which tool to use",
+            param="tool_choice",
+            code="unsupported_value",
         )
-    tools = (
-        tools_json([t.model_dump() for t in body.tools]) if body.tools and body.tool_choice != "none" else ""
-    )
+    tools = tools_text(body.tools) if body.tool_choice != "none" else ""
     prompt = config.template_for(model).render(messages, model.system_prompt)
     job = Job(
         prompt=prompt,
