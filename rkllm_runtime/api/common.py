@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
+from rkllm_runtime.chat import Message, OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
@@ -225,6 +225,11 @@ def resolve_model(
             code="model_not_found",
         )
     return model
+
+
+async def render_prompt(config: ServerConfig, model: ModelConfig, messages: Sequence[Message]) -> str:
+    """The conversation as the model's template renders it, on a worker thread (long ones take ms)."""
+    return await asyncio.to_thread(config.template_for(model).render, messages, model.system_prompt)
 
 
 def check_sampling(model: ModelConfig, requested: Mapping[str, float | int | None]) -> None:

@@ -28,6 +28,7 @@ from rkllm_runtime.api.common import (
     dumps,
     read_json,
     reject_unsupported,
+    render_prompt,
     resolve_model,
     run_error,
     run_generation,
@@ -225,7 +226,7 @@ async def generate(request: Request) -> Response:
         return JSONResponse(await _load_or_unload(request, model, body.keep_alive))
     messages = [Message("system", body.system)] if body.system else []
     messages.append(Message("user", body.prompt))
-    prompt = body.prompt if body.raw else config.template_for(model).render(messages, model.system_prompt)
+    prompt = body.prompt if body.raw else await render_prompt(config, model, messages)
     job = Job(prompt=prompt, max_tokens=body.max_tokens(), arrived=time.monotonic())
     return await _respond(request, config, job, model, body, tools=False, chat=False)
 
@@ -243,7 +244,7 @@ async def chat(request: Request) -> Response:
         return JSONResponse(await _load_or_unload(request, model, body.keep_alive, chat=True))
     tools = tools_text(body.tools)
     job = Job(
-        prompt=config.template_for(model).render(messages, model.system_prompt),
+        prompt=await render_prompt(config, model, messages),
         max_tokens=body.max_tokens(),
         tools_json=tools,
         role="tool" if messages[-1].role == "tool" else "user",

@@ -30,6 +30,7 @@ from rkllm_runtime.api.common import (
     dumps,
     read_json,
     reject_unsupported,
+    render_prompt,
     resolve_model,
     run_error,
     run_generation,
@@ -237,7 +238,7 @@ async def chat_completions(request: Request) -> Response:
             code="unsupported_value",
         )
     tools = tools_text(body.tools) if body.tool_choice != "none" else ""
-    prompt = config.template_for(model).render(messages, model.system_prompt)
+    prompt = await render_prompt(config, model, messages)
     job = Job(
         prompt=prompt,
         max_tokens=body.max_completion_tokens or body.max_tokens,
