@@ -41,6 +41,8 @@ M = TypeVar("M", bound=BaseModel)
 
 AUTO_MODEL = "auto"
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned
+# A whole body (at most max_body_bytes) must arrive within this; nginx sends it buffered, at once.
+BODY_TIMEOUT_SECONDS = 30
 # Tool parameter schemas are the deepest legitimate bodies: a dozen nested objects stay far below.
 MAX_JSON_DEPTH = 64
 _UNACCEPTABLE_CHARACTER = re.compile("[\0\ud800-\udfff]")
@@ -62,11 +64,15 @@ async def read_json(request: Request, model: type[M]) -> M:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ApiError(408, f"request body not received within {BODY_TIMEOUT_SECONDS} s") from exc
     return await asyncio.to_thread(parse_body, b"".join(chunks), model)
 
 

@@ -17,6 +17,15 @@ import openai
 import pytest
 from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server, wait_until
 
+from rkllm_runtime.api import common
+from rkllm_runtime.cli import (
+    HEAD_TIMEOUT_SECONDS,
+    KEEP_ALIVE_SECONDS,
+    MAX_CONNECTIONS,
+    HeadTimeoutProtocol,
+    uvicorn_config,
+)
+
 __all__ = ["start_server"]
 
 CHAT = {"openai": "/v1/chat/completions", "ollama": "/api/chat"}
@@ -245,3 +254,87 @@ def test_clients_leaving_a_stream_or_a_whole_answer_are_no_errors(
     assert not internal_errors(server)
     with server.http() as http:
         assert http.post(CHAT["openai"], json=chat_body("openai", max_tokens=1)).status_code == 200
+
+
+class QuickHeadProtocol(HeadTimeoutProtocol):
+    head_timeout_seconds = 0.5
+
+
+def closed_by_server(conn: socket.socket, within: float) -> bool:
+    """True once the server closes conn (recv sees EOF) within `within` seconds."""
+    conn.settimeout(within)
+    try:
+        while conn.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def connect(server: RunningServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)))
+
+
+def test_the_board_runs_with_the_documented_connection_limits():
+    config = uvicorn_config(object(), "127.0.0.1", 8080, "info")
+    assert (
+        config.http is HeadTimeoutProtocol
+        and HeadTimeoutProtocol.head_timeout_seconds == HEAD_TIMEOUT_SECONDS
+    )
+    assert (config.timeout_keep_alive, config.limit_concurrency) == (KEEP_ALIVE_SECONDS, MAX_CONNECTIONS)
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"])
+def test_a_silent_or_trickling_client_is_cut_off_at_the_head_deadline(start_server, make_model, sent):
+    server = start_server([model_entry(make_model, QWEN)], uvicorn_settings={"http": QuickHeadProtocol})
+    with connect(server) as conn:
+        conn.sendall(sent)
+        assert closed_by_server(conn, within=5)
+    with server.http() as http:
+        assert http.get("/health").status_code == 200
+
+
+def test_an_idle_keep_alive_connection_lives_past_the_head_deadline_then_closes(start_server, make_model):
+    server = start_server(
+        [model_entry(make_model, QWEN)],
+        uvicorn_settings={"http": QuickHeadProtocol, "timeout_keep_alive": 2},
+    )
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(server) as conn:
+        conn.sendall(request)
+        assert b"200 OK" in conn.recv(4096)
+        # Idle longer than the head deadline: only the keep-alive timeout governs an idle connection.
+        assert not closed_by_server(conn, within=1.0)
+        conn.sendall(request)
+        assert b"200 OK" in conn.recv(4096)
+        assert closed_by_server(conn, within=5)
+
+
+def test_a_body_that_never_completes_gets_a_408(loaded_server, double_log, monkeypatch):
+    monkeypatch.setattr(common, "BODY_TIMEOUT_SECONDS", 0.5)
+    with connect(loaded_server) as conn:
+        conn.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        conn.settimeout(10)
+        answer = conn.recv(4096)
+    assert (
+        answer.startswith(b"HTTP/1.1 408") and b'{"error":"request body not received within 0.5 s"}' in answer
+    )
+    assert_unharmed(loaded_server, double_log)
+
+
+def test_connections_over_the_cap_are_refused_and_the_rest_served(start_server, make_model):
+    server = start_server([model_entry(make_model, QWEN)], uvicorn_settings={"limit_concurrency": 3})
+    held = [connect(server) for _ in range(3)]
+    try:
+        with connect(server) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+    finally:
+        for conn in held:
+            conn.close()
+    with server.http() as http:
+        wait_until(lambda: http.get("/health").status_code == 200)
