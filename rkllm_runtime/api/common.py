@@ -78,10 +78,10 @@ async def read_json(request: Request, model: type[M]) -> M:
 
 def parse_body(raw: bytes, model: type[M]) -> M:
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", parse_constant=_refuse_constant)
     except RecursionError as exc:
         raise bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
@@ -92,6 +92,10 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise bad_request(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def check_json_values(data: dict[str, Any]) -> None:
@@ -238,20 +242,58 @@ async def render_prompt(config: ServerConfig, model: ModelConfig, messages: Sequ
     return await asyncio.to_thread(config.template_for(model).render, messages, model.system_prompt)
 
 
-def check_sampling(model: ModelConfig, requested: Mapping[str, float | int | None]) -> None:
-    """RKLLM fixes sampling at rkllm_init: accept a value only if it is the model's configured one."""
+SAMPLING_IGNORED_HEADER = "X-Rkllm-Sampling-Ignored"
+
+
+def configured_sampling(model: ModelConfig) -> dict[str, float | None]:
+    """What the model's handle was initialised with; None: the runtime has no such setting."""
+    return {
+        "temperature": model.temperature,
+        "top_p": model.top_p,
+        "top_k": model.top_k,
+        "repeat_penalty": model.repeat_penalty,
+        "presence_penalty": 0.0,  # the server initialises every handle without these two penalties
+        "frequency_penalty": 0.0,
+        "min_p": 0.0,  # librkllmrt has no min-p sampling: 0 (off) is what it does
+        "seed": None,
+    }
+
+
+def apply_sampling_policy(
+    request: Request, model: ModelConfig, requested: Mapping[str, float | int | None]
+) -> dict[str, str]:
+    """Sampling values the model does not run with; the response headers that say so.
+
+    RKLLM fixes sampling at rkllm_init, and re-initialising per request would cost seconds of NPU
+    load, drop the KV cache and change sampling for every request queued behind. So by default a
+    request is generated with the model's configured sampling and told which values were not
+    applied; a model configured with sampling = "strict" refuses them instead.
+    """
+    configured = configured_sampling(model)
+    ignored = []
     for name, value in requested.items():
-        if value is None:
-            continue
-        configured = getattr(model, name)
-        if not math.isclose(float(value), float(configured), rel_tol=1e-6, abs_tol=1e-6):
-            raise bad_request(
-                f"{name}={value} is not available: the NPU runtime fixes sampling when the model is "
-                f"loaded, and model {model.name} runs with {name}={configured}. Omit {name}, send "
-                f"{configured}, or change it in the server configuration.",
-                param=name,
-                code="unsupported_value",
-            )
+        wanted = configured[name]
+        if value is not None and (
+            wanted is None or not math.isclose(float(value), wanted, rel_tol=1e-6, abs_tol=1e-6)
+        ):
+            ignored.append(name)
+    if not ignored:
+        return {}
+    if model.sampling == "strict":
+        name = ignored[0]
+        value = configured[name]
+        runs_with = f"runs with {name}={value}" if value is not None else f"has no {name}"
+        raise bad_request(
+            f"{name}={requested[name]} is not available: the NPU runtime fixes sampling when the model "
+            f"is loaded, and model {model.name} {runs_with}. Omit {name} or change the model's "
+            "configuration.",
+            param=name,
+            code="unsupported_value",
+        )
+    counter = scheduler_of(request).metrics.sampling_ignored
+    for name in ignored:
+        counter.labels(model.name, name).inc()
+    return {SAMPLING_IGNORED_HEADER: ",".join(ignored)}
 
 
 def reject_unsupported(fields: Mapping[str, tuple[object, object]]) -> None:

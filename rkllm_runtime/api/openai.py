@@ -1,9 +1,8 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
 
-Sampling (temperature, top_p, top_k) is fixed when RKLLM loads a model, so a request may send the
-model's configured value (or omit it) and any other value gets a 400 naming the configured one.
-Re-initialising per request would cost seconds of NPU load time, drop every conversation's KV cache
-and let one client change sampling for all others queued behind it.
+Sampling (temperature, top_p, top_k, seed, penalties) is fixed when RKLLM loads a model: any valid
+value is accepted and the model generates with its configured sampling; the values not applied are
+named in the X-Rkllm-Sampling-Ignored header (see apply_sampling_policy). Invalid values are a 400.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from rkllm_runtime.api.common import (
     Outcome,
     OutputAssembler,
     ToolSpec,
-    check_sampling,
+    apply_sampling_policy,
     collect_whole,
     dumps,
     read_json,
@@ -93,15 +92,15 @@ class _Generation(_Request):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0)
     n: int | None = None
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -109,18 +108,23 @@ class _Generation(_Request):
             raise bad_request("stop: at most 4 sequences", param="stop")
         return [s for s in stops if s]
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, request: Request, model: ModelConfig) -> dict[str, str]:
+        """Refuse what cannot be served; returns the headers naming sampling values not applied."""
         reject_unsupported(
-            {
-                "n": (self.n, 1),
-                "logprobs": (self.logprobs, False),
-                "logit_bias": (self.logit_bias, {}),
-                "seed": (self.seed, None),
-                "presence_penalty": (self.presence_penalty, 0.0),
-                "frequency_penalty": (self.frequency_penalty, 0.0),
-            }
+            {"n": (self.n, 1), "logprobs": (self.logprobs, False), "logit_bias": (self.logit_bias, {})}
         )
-        check_sampling(model, {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k})
+        return apply_sampling_policy(
+            request,
+            model,
+            {
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "seed": self.seed,
+                "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
+            },
+        )
 
 
 class ChatCompletionRequest(_Generation):
@@ -219,7 +223,7 @@ async def chat_completions(request: Request) -> Response:
         None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
     )
     model = resolve_model(config, body.model, wants_reasoning, last_user)
-    body.check(model)
+    headers = body.check(request, model)
     reject_unsupported(
         {
             "top_logprobs": (body.top_logprobs, 0),
@@ -249,7 +253,7 @@ async def chat_completions(request: Request) -> Response:
     output = OutputAssembler(config.think == "separate", bool(tools), body.stops())
     generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape())
+    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape(), headers)
 
 
 @router.post("/completions", response_model=None)
@@ -260,7 +264,7 @@ async def completions(request: Request) -> Response:
     if len(prompts) != 1:
         raise bad_request("prompt: exactly one prompt per request is supported", param="prompt")
     model = resolve_model(config, body.model, None, prompts[0])
-    body.check(model)
+    headers = body.check(request, model)
     reject_unsupported(
         {"echo": (body.echo, False), "suffix": (body.suffix, None), "best_of": (body.best_of, 1)}
     )
@@ -270,7 +274,9 @@ async def completions(request: Request) -> Response:
     output = OutputAssembler(False, False, body.stops())
     generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, generation, output, body.stream, include_usage, _CompletionShape())
+    return await _respond(
+        request, generation, output, body.stream, include_usage, _CompletionShape(), headers
+    )
 
 
 class _ChatShape:
@@ -345,6 +351,7 @@ async def _respond(
     stream: bool,
     include_usage: bool,
     shape: Shape,
+    headers: dict[str, str],
 ) -> Response:
     completion_id = _completion_id(shape.id_prefix)
     created = int(time.time())
@@ -354,7 +361,7 @@ async def _respond(
             events,
             generation,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
     total, outcome = await collect_whole(request, generation, output)
     return JSONResponse(
@@ -365,7 +372,8 @@ async def _respond(
             "model": generation.model,
             "choices": [shape.whole(total, outcome)],
             "usage": _usage(outcome),
-        }
+        },
+        headers=headers,
     )
 
 
