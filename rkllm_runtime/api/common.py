@@ -53,6 +53,26 @@ def scheduler_of(request: Request) -> Scheduler:
     return scheduler
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's openapi_extra declaring model as its JSON body (the route parses it with read_json,
+    which bounds size, time and depth before validating against the same model)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 async def read_json(request: Request, model: type[M]) -> M:
     """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors.
 

@@ -26,6 +26,7 @@ from rkllm_runtime.api.common import (
     apply_sampling_policy,
     collect_whole,
     dumps,
+    json_body,
     read_json,
     reject_unsupported,
     render_prompt,
@@ -203,7 +204,7 @@ async def ps(request: Request) -> dict[str, Any]:
     return {"models": entries}
 
 
-@router.post("/show")
+@router.post("/show", openapi_extra=json_body(ShowRequest))
 async def show(request: Request) -> dict[str, Any]:
     body = await read_json(request, ShowRequest)
     config = scheduler_of(request).config
@@ -222,7 +223,7 @@ async def show(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request) -> Response:
     body = await read_json(request, GenerateRequest)
     scheduler = scheduler_of(request)
@@ -246,7 +247,7 @@ async def generate(request: Request) -> Response:
     return await _respond(request, config, job, model, body, headers, tools=False, chat=False)
 
 
-@router.post("/chat", response_model=None)
+@router.post("/chat", response_model=None, openapi_extra=json_body(ChatRequest))
 async def chat(request: Request) -> Response:
     body = await read_json(request, ChatRequest)
     scheduler = scheduler_of(request)

@@ -27,6 +27,7 @@ from rkllm_runtime.api.common import (
     apply_sampling_policy,
     collect_whole,
     dumps,
+    json_body,
     read_json,
     reject_unsupported,
     render_prompt,
@@ -213,7 +214,7 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     config = scheduler_of(request).config
@@ -256,7 +257,7 @@ async def chat_completions(request: Request) -> Response:
     return await _respond(request, generation, output, body.stream, include_usage, _ChatShape(), headers)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     config = scheduler_of(request).config

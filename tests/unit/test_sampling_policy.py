@@ -138,4 +138,3 @@ def test_invalid_values_are_a_400_in_both_modes(start_server, make_model, double
             answer = http.post("/v1/chat/completions", content=raw)
             assert answer.status_code == 400 and constant in answer.json()["error"]["message"]
     assert log_lines(double_log, "RUN") == []
-
