@@ -66,7 +66,8 @@ class Options(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     num_predict: int | None = None
     num_ctx: int | None = None
-    stop: list[str] | None = None
+    # Every token is matched against every stop sequence on the event loop: keep the list short.
+    stop: list[str] | None = Field(default=None, max_length=16)
 
     def sampling(self) -> dict[str, float | int | None]:
         return {

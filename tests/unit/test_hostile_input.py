@@ -199,6 +199,15 @@ def test_deep_nesting_is_a_400(loaded_server, double_log, api, depth):
     assert_unharmed(loaded_server, double_log)
 
 
+def test_stop_lists_are_bounded(loaded_server, double_log):
+    with loaded_server.http() as http:
+        ollama_body = chat_body("ollama", options={"stop": [f"s{i}" for i in range(17)]})
+        openai_body = chat_body("openai", stop=[f"s{i}" for i in range(5)])
+        assert_error_shape("ollama", http.post(CHAT["ollama"], json=ollama_body), 400, "options.stop")
+        assert_error_shape("openai", http.post(CHAT["openai"], json=openai_body), 400, "at most 4")
+    assert_unharmed(loaded_server, double_log)
+
+
 @pytest.mark.parametrize("api", ["openai", "ollama"])
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b'"text"'])
 def test_malformed_bodies_are_400(loaded_server, double_log, api, raw):
