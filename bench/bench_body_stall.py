@@ -34,6 +34,10 @@ def bodies() -> dict[str, bytes]:
             "model": MODEL,
             "messages": [{"role": "user", "content": "hello"}] * 25_000,
         },
+        "4,000 messages of 200 characters": {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello " * 40}] * 4_000,
+        },
         "9,000 tools": {"model": MODEL, "messages": [user], "tools": [tool] * 9_000},
     }
     return {name: json.dumps(body).encode() for name, body in shapes.items()}

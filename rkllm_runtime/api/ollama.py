@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     Delta,
     Generation,
     GuardedStream,
@@ -138,8 +140,8 @@ class GenerateRequest(_Generation):
 
 
 class ChatRequest(_Generation):
-    messages: list[ChatMessageIn] = Field(default_factory=list)
-    tools: list[ToolSpec] | None = None
+    messages: list[ChatMessageIn] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
 
 
 class ShowRequest(_Request):

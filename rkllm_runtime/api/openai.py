@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     Delta,
     Generation,
     GuardedStream,
@@ -129,9 +131,9 @@ class _Generation(_Request):
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolSpec] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     reasoning_effort: str | None = None
     top_logprobs: int | None = None
