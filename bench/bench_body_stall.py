@@ -34,9 +34,9 @@ def bodies() -> dict[str, bytes]:
             "model": MODEL,
             "messages": [{"role": "user", "content": "hello"}] * 25_000,
         },
-        "4,000 messages of 200 characters": {
+        "3,500 messages of 240 characters": {
             "model": MODEL,
-            "messages": [{"role": "user", "content": "hello " * 40}] * 4_000,
+            "messages": [{"role": "user", "content": "hello " * 40}] * 3_500,
         },
         "9,000 tools": {"model": MODEL, "messages": [user], "tools": [tool] * 9_000},
     }
