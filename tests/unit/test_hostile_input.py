@@ -199,6 +199,19 @@ def test_deep_nesting_is_a_400(loaded_server, double_log, api, depth):
     assert_unharmed(loaded_server, double_log)
 
 
+@pytest.mark.parametrize("api", ["openai", "ollama"])
+def test_message_and_tool_lists_are_bounded(loaded_server, double_log, api):
+    tool = {"type": "function", "function": {"name": "f"}}
+    too_many_messages = chat_body(api, messages=[{"role": "user", "content": "x"}] * 4097)
+    too_many_tools = chat_body(api, tools=[tool] * 129)
+    with loaded_server.http() as http:
+        assert_error_shape(api, http.post(CHAT[api], json=too_many_messages), 400, "at most 4096")
+        assert_error_shape(api, http.post(CHAT[api], json=too_many_tools), 400, "at most 128")
+        accepted = http.post(CHAT[api], json=chat_body(api, tools=[tool] * 128))
+    assert accepted.status_code == 200
+    assert_unharmed(loaded_server, double_log)
+
+
 def test_stop_lists_are_bounded(loaded_server, double_log):
     with loaded_server.http() as http:
         ollama_body = chat_body("ollama", options={"stop": [f"s{i}" for i in range(17)]})
