@@ -120,7 +120,7 @@ def fuzz_route(
     one_request()
 
 
-def test_fuzzed_requests_never_get_a_server_error(start_server, make_model, double_log):
+def test_fuzzed_requests_never_get_a_server_error(start_server, make_model, double_log, capsys):
     server: RunningServer = start_server(
         [model_entry(make_model, QWEN, reply_tokens=3, config={"max_new_tokens": 8})]
     )
@@ -132,7 +132,10 @@ def test_fuzzed_requests_never_get_a_server_error(start_server, make_model, doub
             schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
             fuzz_route(http, path, schema, statuses, failures)
         total, by_status = sum(statuses.values()), dict(sorted(statuses.items()))
-        print(f"\nfuzzed {total} generated requests over {len(POST_ROUTES)} routes; statuses: {by_status}")
+        with capsys.disabled():
+            print(
+                f"\nfuzzed {total} generated requests over {len(POST_ROUTES)} routes; statuses: {by_status}"
+            )
         assert failures == []
         assert http.get("/health").status_code == 200
         after = http.post(
