@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import sys
@@ -14,6 +15,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rkllm_runtime.config import ConfigError, ServerConfig, load_config, with_overrides
 from rkllm_runtime.errors import LibraryError
+
+STARTUP_FAILURE = 3  # uvicorn.run's exit status when the server never started
 
 # Connection limits of the board's HTTP server (uvicorn), documented in rkllm_runtime/README.md.
 # Idle keep-alive outlives nginx's upstream keepalive_timeout (60 s), so nginx always closes an idle
@@ -137,5 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LibraryError) as exc:
         print(f"rkllm-server: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(uvicorn_config(app, config.host, config.port, args.log_level)).run()
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, config.host, config.port, args.log_level))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -22,6 +24,7 @@ from rkllm_runtime.cli import (
     HEAD_TIMEOUT_SECONDS,
     KEEP_ALIVE_SECONDS,
     MAX_CONNECTIONS,
+    STARTUP_FAILURE,
     HeadTimeoutProtocol,
     uvicorn_config,
 )
@@ -362,3 +365,20 @@ def test_connections_over_the_cap_are_refused_and_the_rest_served(start_server, 
             conn.close()
     with server.http() as http:
         wait_until(lambda: http.get("/health").status_code == 200)
+
+
+def test_the_server_exits_with_uvicorns_startup_failure_status_when_it_cannot_bind(
+    double_library_path, tmp_path
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "server.toml"
+        config.write_text(f'library = "{double_library_path}"\nport = {taken.getsockname()[1]}\n')
+        server = subprocess.run(
+            [sys.executable, "-m", "rkllm_runtime", "--config", str(config), "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert server.returncode == STARTUP_FAILURE and "address already in use" in server.stderr
