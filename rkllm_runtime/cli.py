@@ -3,14 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import faulthandler
 import logging
 import sys
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rkllm_runtime.config import ConfigError, ServerConfig, load_config, with_overrides
 from rkllm_runtime.errors import LibraryError
+
+STARTUP_FAILURE = 3  # uvicorn.run's exit status when the server never started
+
+# Connection limits of the board's HTTP server (uvicorn), documented in rkllm_runtime/README.md.
+# Idle keep-alive outlives nginx's upstream keepalive_timeout (60 s), so nginx always closes an idle
+# upstream connection first and never sends a request into one the board is closing.
+KEEP_ALIVE_SECONDS = 75
+# A request head (request line + headers) must arrive within this time of the connection opening,
+# or of its first byte after an idle keep-alive period; silent or trickling clients are cut off.
+HEAD_TIMEOUT_SECONDS = 10
+# Open connections plus running requests; above it uvicorn answers 503 at once. Two balancers hold
+# at most 2 x (4 workers x 16 idle keepalive + 9 admitted) = 146, so 256 leaves room for scrapes.
+MAX_CONNECTIONS = 256
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on the request head, which uvicorn lacks."""
+
+    head_timeout_seconds: float = HEAD_TIMEOUT_SECONDS
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_request() and self._head_deadline is None:
+            self._arm_head_deadline()  # the first byte of a request on an idle keep-alive connection
+        super().data_received(data)
+        if self._in_request():
+            self._disarm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_head_deadline(self) -> None:
+        self._head_deadline = self.loop.call_later(self.head_timeout_seconds, self._head_timed_out)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if not self._in_request() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app: Any, host: str, port: int, log_level: str, **overrides: Any) -> uvicorn.Config:
+    """The board's HTTP server settings (tests run their servers with the same ones)."""
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": log_level,
+        "http": HeadTimeoutProtocol,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "limit_concurrency": MAX_CONNECTIONS,
+        "timeout_graceful_shutdown": 5,
+        **overrides,
+    }
+    return uvicorn.Config(app, **settings)
 
 
 def _model_flag(value: str) -> tuple[str, str]:
@@ -70,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LibraryError) as exc:
         print(f"rkllm-server: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5
-    )
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, config.host, config.port, args.log_level))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE

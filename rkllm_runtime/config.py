@@ -49,6 +49,8 @@ Format (every key optional unless marked; values shown are the defaults)::
                                      # conversation; each loads the weights again (memory_mb each).
                                      # Still one generation at a time per model.
     temperature = 0.8                # sampling is fixed at rkllm_init (see rkllm_runtime/api/openai.py)
+    sampling = "configured"          # other sampling values in a request: "configured" generates with
+                                     # these and names them in X-Rkllm-Sampling-Ignored; "strict": 400
     top_p = 0.9
     top_k = 1
     repeat_penalty = 1.1
@@ -145,6 +147,7 @@ class ModelConfig(_Strict):
     top_p: float = Field(default=0.9, ge=0, le=1)
     top_k: int = Field(default=1, ge=0, le=1000)
     repeat_penalty: float = Field(default=1.1, ge=0, le=2)
+    sampling: Literal["configured", "strict"] = "configured"
     enabled_cpus_mask: int = Field(default=0xF0, gt=0)
 
 

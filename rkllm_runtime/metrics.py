@@ -115,6 +115,12 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.sampling_ignored = Counter(
+            "rkllm_sampling_ignored",
+            "Requests that sent a sampling value the model does not run with (fixed at rkllm_init)",
+            ["model", "parameter"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("rkllm_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
         self.prompt_tokens_cached = Counter(
             "rkllm_prompt_tokens_cached",

@@ -7,19 +7,20 @@ import itertools
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import OutputParser, StopMatcher, ToolCall, parse_tool_call
+from rkllm_runtime.chat import Message, OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
@@ -40,6 +41,18 @@ M = TypeVar("M", bound=BaseModel)
 
 AUTO_MODEL = "auto"
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned
+# Bounds on list lengths that cut a hostile body's validation short (pydantic stops at the first
+# item over the limit). Every chat turn costs at least 4 tokens of template, so more messages
+# than this can never fit the largest context (16384 tokens); 128 tools is OpenAI's own limit.
+MAX_MESSAGES = 4096
+MAX_TOOLS = 128
+# A whole body (at most max_body_bytes) must arrive within this; nginx sends it buffered, at once.
+BODY_TIMEOUT_SECONDS = 30
+# Tool parameter schemas are the deepest legitimate bodies: a dozen nested objects stay far below.
+MAX_JSON_DEPTH = 64
+_UNACCEPTABLE_CHARACTER = re.compile("[\0\ud800-\udfff]")
+# JSON text can only carry those as escapes (raw control characters and invalid UTF-8 fail parsing).
+_SUSPICIOUS_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 def scheduler_of(request: Request) -> Scheduler:
@@ -47,30 +60,174 @@ def scheduler_of(request: Request) -> Scheduler:
     return scheduler
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's openapi_extra declaring model as its JSON body (the route parses it with read_json,
+    which bounds size, time and depth before validating against the same model)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 async def read_json(request: Request, model: type[M]) -> M:
-    """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors."""
+    """The body as a validated model; oversized, malformed or ill-typed bodies become 4xx ApiErrors.
+
+    Parsing and validation run on a worker thread: the pure-Python parts of a large body (the
+    string and depth walk) then share the CPU with the streams this event loop is serving.
+    """
     limit = scheduler_of(request).config.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
     try:
-        data = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ApiError(408, f"request body not received within {BODY_TIMEOUT_SECONDS} s") from exc
+    return await asyncio.to_thread(parse_body, b"".join(chunks), model)
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    try:
+        data = json.loads(raw or b"null", parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    # The precise walk (which names the offending field) costs ~100 ms on a 1 MB body of small
+    # items, so it runs only when a cheap look says it will find something.
+    if _SUSPICIOUS_ESCAPE.search(raw) or _nests_too_deep(data):
+        check_json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise bad_request(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _nests_too_deep(data: dict[str, Any]) -> bool:
+    level: list[Any] = [data]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def check_json_values(data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings the runtime cannot take as they are.
+
+    The runtime receives C strings: a NUL would silently end the prompt there (and the KV-cache
+    bookkeeping would record text the model never saw), and a lone surrogate has no UTF-8 form.
+    Both are refused rather than rewritten, so the model always sees exactly what was sent.
+    """
+    pending: list[tuple[object, int, tuple[str | int, ...]]] = [(data, 1, ())]
+    while pending:
+        value, depth, path = pending.pop()
+        if isinstance(value, str):
+            _check_string(value, path)
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(
+                    f"request body nests deeper than {MAX_JSON_DEPTH} levels", param=_param(path)
+                )
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_string(key, path)
+                pending.append((item, depth + 1, (*path, key)))
+
+
+def _check_string(text: str, path: tuple[str | int, ...]) -> None:
+    bad = _UNACCEPTABLE_CHARACTER.search(text)
+    if bad is None:
+        return
+    if bad.group() == "\0":
+        what = "a NUL character (U+0000): the runtime would cut the text there"
+    else:
+        what = f"a lone surrogate (U+{ord(bad.group()):04X}), which is not valid Unicode text"
+    raise bad_request(
+        f"{_param(path) or 'body'}: strings must not contain {what}",
+        param=_param(path),
+        code="invalid_string",
+    )
+
+
+def _param(path: tuple[str | int, ...]) -> str | None:
+    return ".".join(str(p) for p in path) or None
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionSpec(_Lenient):
+    """A function tool as both APIs declare it; checked here because the runtime refuses bad ones."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="1-64 letters, digits, '_', '.', ':' or '-'",
+    )
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description='a JSON Schema of type "object" (omitted: no parameters)'
+    )
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        if schema.get("type", "object") != "object":
+            raise ValueError('parameters must be a JSON Schema of type "object"')
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict) or not all(
+            isinstance(v, dict | bool) for v in properties.values()
+        ):
+            raise ValueError("parameters.properties must map each parameter name to a JSON Schema")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError("parameters.required must be a list of parameter names")
+        return schema
+
+
+class ToolSpec(_Lenient):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+def tools_text(tools: Sequence[ToolSpec] | None) -> str:
+    """The tools as the runtime's set_function_tools takes them ("" = none)."""
+    return tools_json([t.model_dump(exclude_none=True) for t in tools]) if tools else ""
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -124,20 +281,63 @@ def resolve_model(
     return model
 
 
-def check_sampling(model: ModelConfig, requested: Mapping[str, float | int | None]) -> None:
-    """RKLLM fixes sampling at rkllm_init: accept a value only if it is the model's configured one."""
+async def render_prompt(config: ServerConfig, model: ModelConfig, messages: Sequence[Message]) -> str:
+    """The conversation as the model's template renders it, on a worker thread (long ones take ms)."""
+    return await asyncio.to_thread(config.template_for(model).render, messages, model.system_prompt)
+
+
+SAMPLING_IGNORED_HEADER = "X-Rkllm-Sampling-Ignored"
+
+
+def configured_sampling(model: ModelConfig) -> dict[str, float | None]:
+    """What the model's handle was initialised with; None: the runtime has no such setting."""
+    return {
+        "temperature": model.temperature,
+        "top_p": model.top_p,
+        "top_k": model.top_k,
+        "repeat_penalty": model.repeat_penalty,
+        "presence_penalty": 0.0,  # the server initialises every handle without these two penalties
+        "frequency_penalty": 0.0,
+        "min_p": 0.0,  # librkllmrt has no min-p sampling: 0 (off) is what it does
+        "seed": None,
+    }
+
+
+def apply_sampling_policy(
+    request: Request, model: ModelConfig, requested: Mapping[str, float | int | None]
+) -> dict[str, str]:
+    """Sampling values the model does not run with; the response headers that say so.
+
+    RKLLM fixes sampling at rkllm_init, and re-initialising per request would cost seconds of NPU
+    load, drop the KV cache and change sampling for every request queued behind. So by default a
+    request is generated with the model's configured sampling and told which values were not
+    applied; a model configured with sampling = "strict" refuses them instead.
+    """
+    configured = configured_sampling(model)
+    ignored = []
     for name, value in requested.items():
-        if value is None:
-            continue
-        configured = getattr(model, name)
-        if not math.isclose(float(value), float(configured), rel_tol=1e-6, abs_tol=1e-6):
-            raise bad_request(
-                f"{name}={value} is not available: the NPU runtime fixes sampling when the model is "
-                f"loaded, and model {model.name} runs with {name}={configured}. Omit {name}, send "
-                f"{configured}, or change it in the server configuration.",
-                param=name,
-                code="unsupported_value",
-            )
+        wanted = configured[name]
+        if value is not None and (
+            wanted is None or not math.isclose(float(value), wanted, rel_tol=1e-6, abs_tol=1e-6)
+        ):
+            ignored.append(name)
+    if not ignored:
+        return {}
+    if model.sampling == "strict":
+        name = ignored[0]
+        value = configured[name]
+        runs_with = f"runs with {name}={value}" if value is not None else f"has no {name}"
+        raise bad_request(
+            f"{name}={requested[name]} is not available: the NPU runtime fixes sampling when the model "
+            f"is loaded, and model {model.name} {runs_with}. Omit {name} or change the model's "
+            "configuration.",
+            param=name,
+            code="unsupported_value",
+        )
+    counter = scheduler_of(request).metrics.sampling_ignored
+    for name in ignored:
+        counter.labels(model.name, name).inc()
+    return {SAMPLING_IGNORED_HEADER: ",".join(ignored)}
 
 
 def reject_unsupported(fields: Mapping[str, tuple[object, object]]) -> None:

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ _TYPES = {
     400: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_overloaded",
 }
@@ -100,6 +102,8 @@ EXCEPTION_HANDLERS = {
 class CatchAllMiddleware:
     """Any unexpected exception becomes a 500 in the API's shape; the traceback goes to the log only.
 
+    A client that disconnects is not an error: it is neither logged as one nor counted.
+
     (Starlette's own last-resort handler re-raises after answering, and uvicorn then resets the
     connection, so the client might never read the answer.)
     """
@@ -121,6 +125,9 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client left (e.g. while sending its body): nobody is there to answer, nothing failed.
+            log.info("client disconnected from %s before the answer", scope.get("path"))
         except Exception as exc:
             log.exception("unexpected error on %s", scope.get("path"))
             self._on_error()

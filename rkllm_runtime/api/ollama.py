@@ -17,25 +17,31 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     Delta,
     Generation,
     GuardedStream,
     Outcome,
     OutputAssembler,
-    check_sampling,
+    ToolSpec,
+    apply_sampling_policy,
     collect_whole,
     dumps,
+    json_body,
     read_json,
     reject_unsupported,
+    render_prompt,
     resolve_model,
     run_error,
     run_generation,
     scheduler_of,
     start_generation,
+    tools_text,
     until_disconnect,
 )
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
@@ -52,17 +58,34 @@ class _Request(BaseModel):
 
 
 class Options(_Request):
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    repeat_penalty: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     num_predict: int | None = None
     num_ctx: int | None = None
-    stop: list[str] | None = None
-    seed: int | None = None
+    # Every token is matched against every stop sequence on the event loop: keep the list short.
+    stop: list[str] | None = Field(default=None, max_length=16)
+
+    def sampling(self) -> dict[str, float | int | None]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+        }
 
 
 class FunctionCallIn(_Request):
-    name: str
+    name: str = Field(min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -90,17 +113,16 @@ class _Generation(_Request):
             return None
         return self.think not in (False, "false", "low")
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, request: Request, model: ModelConfig) -> dict[str, str]:
+        """Refuse what cannot be served; returns the headers naming sampling values not applied."""
         options = self.options
-        reject_unsupported({"format": (self.format, ""), "options.seed": (options.seed, None)})
-        check_sampling(
-            model, {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k}
-        )
+        reject_unsupported({"format": (self.format, "")})
         if options.num_ctx is not None and options.num_ctx > model.context_length:
             raise bad_request(
                 f"options.num_ctx={options.num_ctx} exceeds model {model.name}'s context of "
                 f"{model.context_length} tokens (fixed when the model was converted and loaded)"
             )
+        return apply_sampling_policy(request, model, options.sampling())
 
     def max_tokens(self) -> int | None:
         predict = self.options.num_predict
@@ -118,8 +140,8 @@ class GenerateRequest(_Generation):
 
 
 class ChatRequest(_Generation):
-    messages: list[ChatMessageIn] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    messages: list[ChatMessageIn] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
 
 
 class ShowRequest(_Request):
@@ -185,7 +207,7 @@ async def ps(request: Request) -> dict[str, Any]:
     return {"models": entries}
 
 
-@router.post("/show")
+@router.post("/show", openapi_extra=json_body(ShowRequest))
 async def show(request: Request) -> dict[str, Any]:
     body = await read_json(request, ShowRequest)
     config = scheduler_of(request).config
@@ -204,13 +226,13 @@ async def show(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request) -> Response:
     body = await read_json(request, GenerateRequest)
     scheduler = scheduler_of(request)
     config = scheduler.config
     model = resolve_model(config, body.model, body.wants_reasoning(), body.prompt)
-    body.check(model)
+    headers = body.check(request, model)
     reject_unsupported(
         {
             "images": (body.images, []),
@@ -223,12 +245,12 @@ async def generate(request: Request) -> Response:
         return JSONResponse(await _load_or_unload(request, model, body.keep_alive))
     messages = [Message("system", body.system)] if body.system else []
     messages.append(Message("user", body.prompt))
-    prompt = body.prompt if body.raw else config.template_for(model).render(messages, model.system_prompt)
+    prompt = body.prompt if body.raw else await render_prompt(config, model, messages)
     job = Job(prompt=prompt, max_tokens=body.max_tokens(), arrived=time.monotonic())
-    return await _respond(request, config, job, model, body, tools=False, chat=False)
+    return await _respond(request, config, job, model, body, headers, tools=False, chat=False)
 
 
-@router.post("/chat", response_model=None)
+@router.post("/chat", response_model=None, openapi_extra=json_body(ChatRequest))
 async def chat(request: Request) -> Response:
     body = await read_json(request, ChatRequest)
     scheduler = scheduler_of(request)
@@ -236,18 +258,18 @@ async def chat(request: Request) -> Response:
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     model = resolve_model(config, body.model, body.wants_reasoning(), last_user)
-    body.check(model)
+    headers = body.check(request, model)
     if not messages:
         return JSONResponse(await _load_or_unload(request, model, body.keep_alive, chat=True))
-    tools = tools_json(body.tools) if body.tools else ""
+    tools = tools_text(body.tools)
     job = Job(
-        prompt=config.template_for(model).render(messages, model.system_prompt),
+        prompt=await render_prompt(config, model, messages),
         max_tokens=body.max_tokens(),
         tools_json=tools,
         role="tool" if messages[-1].role == "tool" else "user",
         arrived=time.monotonic(),
     )
-    return await _respond(request, config, job, model, body, tools=bool(tools), chat=True)
+    return await _respond(request, config, job, model, body, headers, tools=bool(tools), chat=True)
 
 
 def _message(message: ChatMessageIn, index: int) -> Message:
@@ -306,6 +328,7 @@ async def _respond(
     job: Job,
     model: ModelConfig,
     body: _Generation,
+    headers: dict[str, str],
     tools: bool,
     chat: bool,
 ) -> Response:
@@ -314,9 +337,9 @@ async def _respond(
     generation = await start_generation(request, model, job)
     if body.stream:
         lines = _ndjson(generation, output, job, chat)
-        return GuardedStream(lines, generation, media_type="application/x-ndjson")
+        return GuardedStream(lines, generation, media_type="application/x-ndjson", headers=headers)
     total, outcome = await collect_whole(request, generation, output)
-    return JSONResponse(_final(generation, outcome, job, chat, total))
+    return JSONResponse(_final(generation, outcome, job, chat, total), headers=headers)
 
 
 def _piece(model: str, delta: Delta, chat: bool) -> dict[str, Any]:

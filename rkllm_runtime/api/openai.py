@@ -1,9 +1,8 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
 
-Sampling (temperature, top_p, top_k) is fixed when RKLLM loads a model, so a request may send the
-model's configured value (or omit it) and any other value gets a 400 naming the configured one.
-Re-initialising per request would cost seconds of NPU load time, drop every conversation's KV cache
-and let one client change sampling for all others queued behind it.
+Sampling (temperature, top_p, top_k, seed, penalties) is fixed when RKLLM loads a model: any valid
+value is accepted and the model generates with its configured sampling; the values not applied are
+named in the X-Rkllm-Sampling-Ignored header (see apply_sampling_policy). Invalid values are a 400.
 """
 
 from __future__ import annotations
@@ -19,24 +18,30 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     Delta,
     Generation,
     GuardedStream,
     Outcome,
     OutputAssembler,
-    check_sampling,
+    ToolSpec,
+    apply_sampling_policy,
     collect_whole,
     dumps,
+    json_body,
     read_json,
     reject_unsupported,
+    render_prompt,
     resolve_model,
     run_error,
     run_generation,
     scheduler_of,
     start_generation,
+    tools_text,
 )
 from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
-from rkllm_runtime.chat import Message, ToolCall, tools_json
+from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.scheduler import Job
@@ -54,7 +59,7 @@ class TextPart(_Request):
 
 
 class FunctionCall(_Request):
-    name: str
+    name: str = Field(min_length=1)
     arguments: str = "{}"
 
 
@@ -75,9 +80,13 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ToolSpec(_Request):
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
     type: Literal["function"]
-    function: dict[str, Any]
+    function: NamedFunction
 
 
 class _Generation(_Request):
@@ -86,15 +95,15 @@ class _Generation(_Request):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0)
     n: int | None = None
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -102,25 +111,30 @@ class _Generation(_Request):
             raise bad_request("stop: at most 4 sequences", param="stop")
         return [s for s in stops if s]
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, request: Request, model: ModelConfig) -> dict[str, str]:
+        """Refuse what cannot be served; returns the headers naming sampling values not applied."""
         reject_unsupported(
-            {
-                "n": (self.n, 1),
-                "logprobs": (self.logprobs, False),
-                "logit_bias": (self.logit_bias, {}),
-                "seed": (self.seed, None),
-                "presence_penalty": (self.presence_penalty, 0.0),
-                "frequency_penalty": (self.frequency_penalty, 0.0),
-            }
+            {"n": (self.n, 1), "logprobs": (self.logprobs, False), "logit_bias": (self.logit_bias, {})}
         )
-        check_sampling(model, {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k})
+        return apply_sampling_policy(
+            request,
+            model,
+            {
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "seed": self.seed,
+                "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
+            },
+        )
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolSpec] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     reasoning_effort: str | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
@@ -202,7 +216,7 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     config = scheduler_of(request).config
@@ -212,7 +226,7 @@ async def chat_completions(request: Request) -> Response:
         None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
     )
     model = resolve_model(config, body.model, wants_reasoning, last_user)
-    body.check(model)
+    headers = body.check(request, model)
     reject_unsupported(
         {
             "top_logprobs": (body.top_logprobs, 0),
@@ -225,12 +239,13 @@ async def chat_completions(request: Request) -> Response:
     )
     if body.tool_choice not in (None, "auto", "none"):
         raise bad_request(
-            "tool_choice: only 'auto' and 'none' are supported", param="tool_choice", code="unsupported_value"
+            "tool_choice: only 'auto' and 'none' are supported (the runtime cannot force a call); "
+            "send 'auto' and describe in the prompt which tool to use",
+            param="tool_choice",
+            code="unsupported_value",
         )
-    tools = (
-        tools_json([t.model_dump() for t in body.tools]) if body.tools and body.tool_choice != "none" else ""
-    )
-    prompt = config.template_for(model).render(messages, model.system_prompt)
+    tools = tools_text(body.tools) if body.tool_choice != "none" else ""
+    prompt = await render_prompt(config, model, messages)
     job = Job(
         prompt=prompt,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -241,10 +256,10 @@ async def chat_completions(request: Request) -> Response:
     output = OutputAssembler(config.think == "separate", bool(tools), body.stops())
     generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape())
+    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape(), headers)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     config = scheduler_of(request).config
@@ -252,7 +267,7 @@ async def completions(request: Request) -> Response:
     if len(prompts) != 1:
         raise bad_request("prompt: exactly one prompt per request is supported", param="prompt")
     model = resolve_model(config, body.model, None, prompts[0])
-    body.check(model)
+    headers = body.check(request, model)
     reject_unsupported(
         {"echo": (body.echo, False), "suffix": (body.suffix, None), "best_of": (body.best_of, 1)}
     )
@@ -262,7 +277,9 @@ async def completions(request: Request) -> Response:
     output = OutputAssembler(False, False, body.stops())
     generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, generation, output, body.stream, include_usage, _CompletionShape())
+    return await _respond(
+        request, generation, output, body.stream, include_usage, _CompletionShape(), headers
+    )
 
 
 class _ChatShape:
@@ -337,6 +354,7 @@ async def _respond(
     stream: bool,
     include_usage: bool,
     shape: Shape,
+    headers: dict[str, str],
 ) -> Response:
     completion_id = _completion_id(shape.id_prefix)
     created = int(time.time())
@@ -346,7 +364,7 @@ async def _respond(
             events,
             generation,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
     total, outcome = await collect_whole(request, generation, output)
     return JSONResponse(
@@ -357,7 +375,8 @@ async def _respond(
             "model": generation.model,
             "choices": [shape.whole(total, outcome)],
             "usage": _usage(outcome),
-        }
+        },
+        headers=headers,
     )
 
 

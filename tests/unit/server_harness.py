@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from rkllm_runtime.app import create_app
+from rkllm_runtime.cli import uvicorn_config
 from rkllm_runtime.config import parse_config
 from rkllm_runtime.scheduler import Scheduler
 
@@ -50,13 +51,24 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(library: Path, models: list[dict[str, Any]], **settings: Any) -> Iterator[RunningServer]:
+def serve(
+    library: Path,
+    models: list[dict[str, Any]],
+    uvicorn_settings: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Iterator[RunningServer]:
+    """A server with the board's uvicorn settings (cli.uvicorn_config), some overridden if asked."""
+    uvicorn_settings = uvicorn_settings or {}
     config = parse_config({"library": str(library), "models": models, **settings})
     app = create_app(config)
     sock = socket.socket()
+    # Without it every request through this socket waited ~40 ms (Nagle against delayed ACK).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn_config(app, "127.0.0.1", port, "warning", access_log=False, **uvicorn_settings)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -116,5 +116,5 @@ def test_unknown_model_and_bad_options_are_ollama_errors(two_models):
         client.chat(model="llama3", messages=[{"role": "user", "content": "x"}])
     assert missing.value.status_code == 404 and "llama3" in missing.value.error
     with pytest.raises(ollama.ResponseError) as sampling:
-        client.chat(model=QWEN, messages=[{"role": "user", "content": "x"}], options={"temperature": 0.1})
+        client.chat(model=QWEN, messages=[{"role": "user", "content": "x"}], options={"temperature": -0.1})
     assert sampling.value.status_code == 400 and "temperature" in sampling.value.error
