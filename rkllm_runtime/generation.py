@@ -188,6 +188,8 @@ class RequestRun:
         """Let the consumer go while rkllm_run still blocks (called on the loop thread)."""
         self.abandoned = True
         self._publish(RunAbandoned(self.hung or "the runtime stopped responding"))
+        # A consumer that left early waits for this; the abandoned handle is never used again.
+        _resolve(self.returned)
 
     def record_callback_error(self, error: BaseException) -> None:
         if self.callback_error is None:
