@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from server_harness import QWEN, free_port, log_lines, model_entry, start_server
 from test_kv_slots import Conversation, cached, metric
 
 from rkllm_runtime.config import WatchdogConfig, parse_config
+from rkllm_runtime.watchdog import SystemdNotifier
 
 __all__ = ["start_server"]
 
@@ -48,6 +50,22 @@ def chat(text: str, **extra: Any) -> dict[str, Any]:
 def test_the_default_bound_allows_a_whole_context_prefill_at_40_tokens_per_second() -> None:
     assert WatchdogConfig().stall_seconds(4096) == pytest.approx(4096 / 40 + 15)
     assert parse_config({"watchdog": {"prefill_tokens_per_second": 100}}).watchdog.stall_seconds(2000) == 35
+
+
+def test_a_prefill_of_almost_the_whole_context_at_the_slowest_rate_is_not_judged_hung(
+    start_server, make_model, double_log
+):
+    """The double prefills at 10 ms/token, exactly the configured slowest rate (100 tokens/s)."""
+    entry = model_entry(make_model, QWEN, prefill_ms_per_token=10, config={"context_length": 256})
+    watchdog = {"prefill_tokens_per_second": 100.0, "slack_seconds": 0.25}  # bound: 2.81 s
+    server = start_server([entry], watchdog=watchdog)
+    with server.http() as http:
+        answer = http.post("/v1/chat/completions", json=chat("x" * 880))
+        assert answer.status_code == 200, answer.text
+        prefilled = int(re.search(r"prefill_tokens=(\d+)", log_lines(double_log, "RUN")[-1]).group(1))
+        assert prefilled > 200, "the prompt should fill most of the 256-token context"
+        assert metric(http, "rkllm_watchdog_fired_total") == 0
+        assert metric(http, "rkllm_watchdog_checks_total", frozenset()) > 0, "the watchdog was looking"
 
 
 def test_a_hang_honouring_abort_fails_its_request_and_the_model_serves_on(
@@ -183,3 +201,16 @@ def _answers(http: httpx.Client) -> bool:
         return http.get("/health").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_notifications_reach_an_abstract_socket_and_only_the_named_process_pings() -> None:
+    name = f"rkllm-watchdog-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(5)
+        ours = SystemdNotifier({"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "4000000"})
+        assert ours.watchdog_seconds == 4.0
+        assert ours.notify("WATCHDOG=1") and listener.recv(64) == b"WATCHDOG=1"
+    other = {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    assert SystemdNotifier(other).watchdog_seconds is None, "the watchdog belongs to another process"
+    assert not SystemdNotifier({}).notify("WATCHDOG=1"), "not under systemd: nothing to notify"
