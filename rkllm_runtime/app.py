@@ -5,7 +5,9 @@ All state lives in the app (app.state.scheduler); two apps in one process share 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +23,7 @@ from rkllm_runtime.library import load_library
 from rkllm_runtime.metrics import CONTENT_TYPE, Metrics
 from rkllm_runtime.registry import EngineFactory, ModelUnavailableError
 from rkllm_runtime.scheduler import Scheduler
+from rkllm_runtime.watchdog import RuntimeWatchdog, SystemdNotifier
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +39,18 @@ def library_engine_factory(library_path: str) -> EngineFactory:
 
 def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
     scheduler = Scheduler(config, engine_factory or library_engine_factory(config.library), Metrics(config))
+    watchdog = RuntimeWatchdog(scheduler, SystemdNotifier(os.environ))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Started first: systemd's watchdog counts from the service's start, model loading included.
+        watching = asyncio.create_task(watchdog.run())
         try:
             await scheduler.load_pinned()
         except (ModelUnavailableError, RkllmError) as exc:
             log.error("a pinned model failed to load (/ready will say so and retry): %s", exc)
         yield
+        watching.cancel()
         await scheduler.close()
 
     app = FastAPI(
@@ -57,6 +64,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     # The failing request's model is unknown here; the error-ratio alert only sums per board.
     app.add_middleware(CatchAllMiddleware, on_error=scheduler.metrics.rejected.labels("", "internal").inc)
     app.state.scheduler = scheduler
+    app.state.watchdog = watchdog
     app.include_router(openai.router)
     app.include_router(ollama.router)
 

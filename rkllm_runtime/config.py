@@ -20,6 +20,17 @@ Format (every key optional unless marked; values shown are the defaults)::
                                      # admitted ones finish, /ready answers 503 "draining" (after
                                      # checking the models); "" = no drain switch
 
+    [watchdog]                       # a run with no runtime callback for longer than its model's
+                                     # stall bound is aborted and fails; the bound allows the longest
+                                     # legitimate prefill: context_length / prefill_tokens_per_second
+                                     # + slack_seconds (4096 tokens: 102.4 + 15 = 117.4 s)
+    enabled = true
+    prefill_tokens_per_second = 40.0 # slowest prefill a healthy board may have (RK3588 measured:
+                                     # 310 tok/s for a 1.5B w8a8 model, 125 tok/s for 3.8B)
+    slack_seconds = 15.0
+    abort_grace_seconds = 10.0       # rkllm_abort must end the run within this; otherwise the runtime
+                                     # is stuck: systemd watchdog pings stop, systemd restarts the service
+
     [rknpu]
     load_path = "/sys/kernel/debug/rknpu/load"        # "NPU load:  Core0: 12%, Core1:  0%, ..."
     version_path = "/sys/kernel/debug/rknpu/version"  # "RKNPU driver: v0.9.8"
@@ -96,6 +107,17 @@ class RknpuPaths(_Strict):
     version_path: str = "/sys/kernel/debug/rknpu/version"
 
 
+class WatchdogConfig(_Strict):
+    enabled: bool = True
+    prefill_tokens_per_second: float = Field(default=40.0, gt=0)
+    slack_seconds: float = Field(default=15.0, ge=0)
+    abort_grace_seconds: float = Field(default=10.0, gt=0)
+
+    def stall_seconds(self, context_length: int) -> float:
+        """How long a run may go without a callback: a whole context's prefill plus slack."""
+        return context_length / self.prefill_tokens_per_second + self.slack_seconds
+
+
 class RoutingRules(_Strict):
     quick: str = "Qwen2.5-1.5B-Instruct"
     reasoning: str = "DeepSeek-R1-Distill-Qwen-1.5B"
@@ -163,6 +185,7 @@ class ServerConfig(_Strict):
     retry_after_max_seconds: int = Field(default=30, ge=1)
     drain_file: str = ""
     rknpu: RknpuPaths = RknpuPaths()
+    watchdog: WatchdogConfig = WatchdogConfig()
     routing: RoutingRules = RoutingRules()
     templates: dict[str, TemplateConfig] = Field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()

@@ -18,19 +18,28 @@ import ctypes
 import itertools
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from rkllm_runtime import abi
-from rkllm_runtime.errors import EngineClosedError, HandleBusyError, InitError, RkllmError, RunError
+from rkllm_runtime.errors import (
+    EngineClosedError,
+    HandleBusyError,
+    InitError,
+    RkllmError,
+    RunError,
+    RuntimeHungError,
+)
 from rkllm_runtime.generation import (
     FinishEvent,
     FinishReason,
     GenerationRequest,
     PerfStats,
     RequestRun,
+    RunAbandoned,
     RunOutcome,
     TokenEvent,
 )
@@ -176,6 +185,8 @@ class Engine:
         self._next_key = itertools.count(1)
         self._active: RequestRun | None = None
         self._closed = False
+        # A run the watchdog gave up on still holds the handle (and the worker thread) for good.
+        self._abandoned: RequestRun | None = None
         if not Path(params.model_path).is_file():
             raise InitError(f"model file {params.model_path} does not exist or is not a file")
         c_param, self._c_strings = params.to_c(library)
@@ -225,13 +236,15 @@ class Engine:
         try:
             while not done:
                 for item in await run.next_batch():
+                    if isinstance(item, RunAbandoned):
+                        raise RuntimeHungError(f"{item.reason} on model {self.model_path}")
                     if isinstance(item, RunOutcome):
                         done = True
                     else:
                         yield item
             yield self._finish(run)
         finally:
-            if run.outcome is None:
+            if run.outcome is None and not run.abandoned:
                 await self._stop_and_wait(run)
             self._runs.pop(key, None)
 
@@ -239,6 +252,8 @@ class Engine:
         outcome = run.outcome
         assert outcome is not None
         where = f"model {self.model_path} after {run.tokens} tokens"
+        if run.hung is not None:
+            raise RuntimeHungError(f"{run.hung}; the run was aborted on {where}")
         if outcome.error is not None:
             raise RunError(f"run failed on {where}: {outcome.error!r}") from outcome.error
         if run.callback_error is not None:
@@ -274,6 +289,7 @@ class Engine:
                     skip = run.started or run.stop_reason is not None or self._handle is None
                     run.started = True
                     if not skip:
+                        run.last_progress = time.monotonic()
                         self._active = run
                 if skip:
                     run.request_stop("abort")
@@ -298,6 +314,46 @@ class Engine:
             if self._active is not None and self._handle is not None:
                 self._library.abort(self._handle)
                 self._active.request_stop("abort")
+
+    # --- watchdog ------------------------------------------------------------------------------
+    def stalled_for(self, now: float) -> float | None:
+        """Seconds the running generation has gone without a callback; None when idle or already judged."""
+        with self._state_lock:
+            run = self._active
+            if run is None or run.hung is not None:
+                return None
+            return now - run.last_progress
+
+    def mark_hung(self, reason: str) -> asyncio.Future[None] | None:
+        """Judge the running generation hung: it will fail with RuntimeHungError. Returns the future
+        resolved once rkllm_run returns (None when nothing runs any more); then call abort_hung()."""
+        with self._state_lock:
+            run = self._active
+            if run is None:
+                return None
+            run.hung = reason
+            run.request_stop("abort")
+            return run.returned
+
+    def abort_hung(self) -> None:
+        """rkllm_abort for a run judged hung, without the state lock: a wedged runtime may never return."""
+        handle = self._handle
+        if handle is not None:
+            self._library.abort(handle)
+
+    def abandon_hung(self) -> None:
+        """Stop waiting for a hung run that abort did not end (loop thread): its consumer fails now and
+        the handle is never used or destroyed again; only the end of the process frees it."""
+        with self._state_lock:
+            run = self._active
+            if run is None or run.hung is None:
+                return
+            self._abandoned = run
+        run.abandon()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned is not None
 
     # --- control calls --------------------------------------------------------------------------
     def _control(self, what: str, call: Callable[[int], int]) -> None:
@@ -362,6 +418,9 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+            if self._abandoned is not None:
+                # Its rkllm_run never returned: waiting for the worker or destroying would block forever.
+                return
             for run in self._runs.values():
                 run.request_stop("abort")
             if self._active is not None and self._handle is not None:
@@ -378,4 +437,3 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-

@@ -19,6 +19,10 @@ class RunError(RkllmError):
     """A run reported RUN_ERROR or rkllm_run failed; the handle stays usable."""
 
 
+class RuntimeHungError(RkllmError):
+    """The watchdog aborted a run that made no progress within its bound; the handle is not trusted."""
+
+
 class HandleBusyError(RkllmError):
     """A control call could not get the handle because a generation holds it."""
 

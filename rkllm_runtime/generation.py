@@ -11,6 +11,7 @@ import asyncio
 import codecs
 import ctypes
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ class RunOutcome:
     error: BaseException | None
 
 
+@dataclass(frozen=True, slots=True)
+class RunAbandoned:
+    """The watchdog gave up on a hung run that rkllm_abort did not end: its consumer stops waiting."""
+
+    reason: str
+
+
 class RequestRun:
     """State of one generate() call, shared by the loop thread and the runtime callback thread."""
 
@@ -103,11 +111,16 @@ class RequestRun:
         self.callback_error: BaseException | None = None
         self.perf: PerfStats | None = None
         self.outcome: RunOutcome | None = None
+        # time.monotonic() of the run's start or its last callback: what the watchdog judges by.
+        self.last_progress = 0.0
+        # Set by the watchdog: why it aborted the run; abandoned once it stopped waiting for rkllm_run.
+        self.hung: str | None = None
+        self.abandoned = False
         # Set under the engine's state lock by whoever claims the run first: the worker starting
         # it, or a consumer giving up on it while it is still queued.
         self.started = False
         self._handoff_lock = threading.Lock()
-        self._handoff: deque[TokenEvent | RunOutcome] = deque()
+        self._handoff: deque[TokenEvent | RunOutcome | RunAbandoned] = deque()
         self._wakeup_pending = False
         self._ready = asyncio.Event()
         # Resolved once rkllm_run has returned: from then on the handle is free.
@@ -145,6 +158,7 @@ class RequestRun:
     # --- runtime callback thread -------------------------------------------------------------
     def on_result(self, result: abi.RKLLMResult, state: int) -> int:
         """Handle one callback; returns the int the runtime expects (0 go on, 1 stop)."""
+        self.last_progress = time.monotonic()
         if state == abi.LLMCallState.RKLLM_RUN_NORMAL:
             self._on_token(result.text or b"", result.token_id)
         elif state == abi.LLMCallState.RKLLM_RUN_WAITING:
@@ -170,6 +184,13 @@ class RequestRun:
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    def abandon(self) -> None:
+        """Let the consumer go while rkllm_run still blocks (called on the loop thread)."""
+        self.abandoned = True
+        self._publish(RunAbandoned(self.hung or "the runtime stopped responding"))
+        # A consumer that left early waits for this; the abandoned handle is never used again.
+        _resolve(self.returned)
+
     def record_callback_error(self, error: BaseException) -> None:
         if self.callback_error is None:
             self.callback_error = error
@@ -183,7 +204,7 @@ class RequestRun:
         self._publish(outcome)
         self._call_in_loop(_resolve, self.returned)
 
-    def _publish(self, item: TokenEvent | RunOutcome) -> None:
+    def _publish(self, item: TokenEvent | RunOutcome | RunAbandoned) -> None:
         # One loop wake-up per batch, not per token: the consumer drains everything queued so far.
         with self._handoff_lock:
             self._handoff.append(item)
@@ -200,7 +221,7 @@ class RequestRun:
             self.request_stop("abort")
 
     # --- event loop thread ---------------------------------------------------------------------
-    async def next_batch(self) -> list[TokenEvent | RunOutcome]:
+    async def next_batch(self) -> list[TokenEvent | RunOutcome | RunAbandoned]:
         await self._ready.wait()
         self._ready.clear()
         with self._handoff_lock:

@@ -186,6 +186,23 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.watchdog_fired = Counter(
+            "rkllm_watchdog_fired",
+            "Runs the watchdog aborted because the runtime made no progress within the model's stall bound",
+            ["model"],
+            registry=r,
+        )
+        self.watchdog_stuck = Gauge(
+            "rkllm_watchdog_runtime_stuck",
+            "1 once rkllm_abort failed to end a hung run: systemd watchdog pings stopped, a restart is due",
+            registry=r,
+        )
+        self.watchdog_checks = Counter(
+            "rkllm_watchdog_checks", "Rounds of the hung-runtime watchdog over the loaded handles", registry=r
+        )
+        self.watchdog_pings = Counter(
+            "rkllm_watchdog_pings", "WATCHDOG=1 notifications sent to systemd", registry=r
+        )
         r.register(_NodeCollector(config))
         # The process metrics (process_start_time_seconds shows restarts) of the default registry,
         # which this app's own registry does not include by itself.
@@ -197,7 +214,8 @@ class Metrics:
             self.waiting.labels(model.name).set(0)
             self.prompt_tokens_cached.labels(model.name)
             self.kv_slot_evictions.labels(model.name)
-            for reason in ("queue_full", "model_unavailable", "run_error"):
+            self.watchdog_fired.labels(model.name)
+            for reason in ("queue_full", "model_unavailable", "run_error", "runtime_hung"):
                 self.rejected.labels(model.name, reason)
 
     def set_slot_state(self, model: str, slot: int, state: SlotState | None) -> None:

@@ -29,6 +29,8 @@ from rkllm_runtime.registry import EngineFactory, KvSlot, LoadedModel, ModelRegi
 PROBE_PROMPT = "ping"
 # A drain usually ends with a restart that takes a few seconds.
 DRAINING_RETRY_AFTER_SECONDS = 5
+# systemd notices the missing watchdog pings within WatchdogSec, then restarts the service.
+RUNTIME_STUCK_RETRY_AFTER_SECONDS = 30
 
 
 class AdmissionRefusedError(Exception):
@@ -59,6 +61,17 @@ class DrainingError(AdmissionRefusedError):
             f"this board is draining for maintenance ({drain_file} exists) and takes no new requests; "
             "retry on another board",
             DRAINING_RETRY_AFTER_SECONDS,
+        )
+
+
+class RuntimeStuckError(AdmissionRefusedError):
+    code = "runtime_hung"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"this board's NPU runtime is stuck ({problem}); the service is being restarted, "
+            "retry on another board",
+            RUNTIME_STUCK_RETRY_AFTER_SECONDS,
         )
 
 
@@ -250,12 +263,17 @@ class Scheduler:
         }
         self.registry = ModelRegistry(config, engine_factory, metrics, lambda n: self._queues[n].idle)
         self._drain_file = Path(config.drain_file) if config.drain_file else None
+        # Set by the watchdog when rkllm_abort failed to end a hung run: nothing may touch the runtime.
+        self.runtime_stuck: str | None = None
 
     def draining(self) -> bool:
         """While the operator's drain file exists, new requests are refused; admitted ones finish."""
         return self._drain_file is not None and self._drain_file.exists()
 
     def admit(self, model: str) -> Ticket:
+        if self.runtime_stuck is not None:
+            self.metrics.rejected.labels(model, "runtime_hung").inc()
+            raise RuntimeStuckError(self.runtime_stuck)
         if self._drain_file is not None and self.draining():
             self.metrics.rejected.labels(model, "draining").inc()
             raise DrainingError(self._drain_file)
@@ -374,6 +392,8 @@ class Scheduler:
         generate); every other slot is asked for its KV cache size (its handle is alive and answers the
         runtime). No cache that holds a conversation is run on or cleared.
         """
+        if self.runtime_stuck is not None:
+            return f"{model_name}: the runtime is stuck ({self.runtime_stuck})"
         queue = self._queues[model_name]
         if queue.busy:
             # It is generating right now; a poisoned handle is flagged by the run that found out.

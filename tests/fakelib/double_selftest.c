@@ -498,6 +498,38 @@ static int test_slow_abort(void)
     return rkllm_destroy(b.handle);
 }
 
+/* Polls the log, since a fault is logged on the run's thread a moment after its last callback. */
+static bool wait_for_log(const char *needle, double timeout_ms)
+{
+    double deadline = now_ms() + timeout_ms;
+    while (log_count(needle) == 0) {
+        if (now_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+    return true;
+}
+
+static int test_hang_released_by_abort(void)
+{
+    setenv("RKLLM_DOUBLE_HANG_AT", "3", 1);
+    background_run b;
+    CHECK(start_long_run(&b, "0") == 0, "could not start a run");
+    CHECK(wait_for_log("HANG", 5000), "the hang fault was not logged");
+    CHECK(log_count("abort=releases") == 1, "hang not logged as released by abort");
+    pthread_mutex_lock(&b.c.lock);
+    int before_abort = b.c.normal;
+    pthread_mutex_unlock(&b.c.lock);
+    CHECK(before_abort == 3, "%d tokens before a hang at token 3 (the run is flat out)", before_abort);
+    CHECK(rkllm_is_running(b.handle) == 0, "is_running should report the hung run");
+    CHECK(rkllm_abort(b.handle) == 0, "abort failed");
+    pthread_join(b.thread, NULL);
+    CHECK(b.args.rc == 0 && b.c.finish == 1 && b.c.normal == 3, "rc=%d finish=%d normal=%d", b.args.rc, b.c.finish,
+          b.c.normal);
+    CHECK(log_count("reason=abort") == 1, "the released hang did not finish as an abort");
+    return rkllm_destroy(b.handle);
+}
+
 static int test_concurrent_run_refused(void)
 {
     background_run b;
@@ -1053,6 +1085,7 @@ static const test_case TESTS[] = {
     {"callback_pause", test_callback_pause},
     {"abort_from_other_thread", test_abort_from_other_thread},
     {"slow_abort", test_slow_abort},
+    {"hang_released_by_abort", test_hang_released_by_abort},
     {"concurrent_run_refused", test_concurrent_run_refused},
     {"bad_callback_return", test_bad_callback_return},
     {"bad_params", test_bad_params},
@@ -1081,7 +1114,8 @@ static void reset_environment(const char *name)
     static const char *const overrides[] = {
         "RKLLM_DOUBLE_TPS",      "RKLLM_DOUBLE_PREFILL_MS",    "RKLLM_DOUBLE_REPLY_TOKENS",
         "RKLLM_DOUBLE_ERROR_AT", "RKLLM_DOUBLE_SEGV_AT",       "RKLLM_DOUBLE_FAIL_INIT",
-        "RKLLM_DOUBLE_SLOW_ABORT_MS", "RKLLM_DOUBLE_NPU_DOMAIN_MB"};
+        "RKLLM_DOUBLE_SLOW_ABORT_MS", "RKLLM_DOUBLE_NPU_DOMAIN_MB", "RKLLM_DOUBLE_HANG_AT",
+        "RKLLM_DOUBLE_HANG_IGNORES_ABORT"};
     for (size_t i = 0; i < sizeof overrides / sizeof *overrides; i++)
         unsetenv(overrides[i]);
     snprintf(log_path, sizeof log_path, "%s/%s.log", work_dir, name);

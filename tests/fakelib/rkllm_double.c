@@ -56,6 +56,9 @@ typedef struct {
     int segv_at_token;
     bool fail_init;
     int slow_abort_ms;
+    int hang_at_token;
+    bool hang_ignores_abort;
+    char *hang_trigger; /* NULL: every run hangs; else only runs whose prompt contains it */
 } model_spec;
 
 typedef struct lora_entry {
@@ -234,6 +237,7 @@ static void model_free(model_spec *m)
     free(m->name);
     free(m->toolkit_version);
     free(m->target_platform);
+    free(m->hang_trigger);
     for (int i = 0; i < m->vocab_len; i++)
         free(m->vocab[i]);
     free(m->vocab);
@@ -384,6 +388,13 @@ static bool set_model_key(model_spec *m, const char *key, const char *value, boo
         ok = parse_bool(value, &m->fail_init);
     } else if (!strcmp(key, "slow_abort_ms")) {
         ok = parse_int(value, 0, 3600000, &m->slow_abort_ms);
+    } else if (!strcmp(key, "hang_at_token")) {
+        ok = parse_int(value, -1, 1000000, &m->hang_at_token);
+    } else if (!strcmp(key, "hang_ignores_abort")) {
+        ok = parse_bool(value, &m->hang_ignores_abort);
+    } else if (!strcmp(key, "hang_trigger")) {
+        free(m->hang_trigger);
+        ok = (m->hang_trigger = strdup(value)) != NULL;
     } else {
         snprintf(err, ERR_LEN, "unknown key \"%s\"", key);
         return false;
@@ -483,7 +494,9 @@ static bool apply_env_overrides(model_spec *m, char *err)
            env_override("RKLLM_DOUBLE_ERROR_AT", ENV_INT, -1, 1000000, &m->error_at_token, err) &&
            env_override("RKLLM_DOUBLE_SEGV_AT", ENV_INT, -1, 1000000, &m->segv_at_token, err) &&
            env_override("RKLLM_DOUBLE_FAIL_INIT", ENV_BOOL, 0, 0, &m->fail_init, err) &&
-           env_override("RKLLM_DOUBLE_SLOW_ABORT_MS", ENV_INT, 0, 3600000, &m->slow_abort_ms, err);
+           env_override("RKLLM_DOUBLE_SLOW_ABORT_MS", ENV_INT, 0, 3600000, &m->slow_abort_ms, err) &&
+           env_override("RKLLM_DOUBLE_HANG_AT", ENV_INT, -1, 1000000, &m->hang_at_token, err) &&
+           env_override("RKLLM_DOUBLE_HANG_IGNORES_ABORT", ENV_BOOL, 0, 0, &m->hang_ignores_abort, err);
 }
 
 static bool load_model(const char *path, model_spec *m, char *err)
@@ -491,6 +504,7 @@ static bool load_model(const char *path, model_spec *m, char *err)
     m->reply_tokens = 16;
     m->error_at_token = -1;
     m->segv_at_token = -1;
+    m->hang_at_token = -1;
     char *text = read_text_file(path, err);
     if (!text)
         return false;
@@ -1039,6 +1053,32 @@ static bool wait_until(struct double_handle *h, struct timespec deadline)
     return aborted;
 }
 
+/*
+ * A stuck NPU job: no callback, rkllm_run blocks. Returns once rkllm_abort takes effect (false when the
+ * model ignores abort: then only the end of the process ends the run, as with a wedged driver).
+ */
+static void hang(struct double_handle *h, int token)
+{
+    bool ignores = h->model.hang_ignores_abort;
+    fprintf(stderr, "E rkllm-double: hang fault at token %d (abort %s)\n", token, ignores ? "ignored" : "releases it");
+    log_event("HANG", h->id, "token=%d abort=%s", token, ignores ? "ignored" : "releases");
+    pthread_mutex_lock(&h->lock);
+    for (;;) {
+        if (!ignores && h->abort_requested && ts_cmp(now_mono(), h->abort_effective) >= 0)
+            break;
+        if (!ignores && h->abort_requested)
+            pthread_cond_timedwait(&h->wake, &h->lock, &h->abort_effective);
+        else
+            pthread_cond_wait(&h->wake, &h->lock);
+    }
+    pthread_mutex_unlock(&h->lock);
+}
+
+static bool hang_applies(const model_spec *m, const run_plan *plan, int generated)
+{
+    return generated == m->hang_at_token && (!m->hang_trigger || strstr(plan->text, m->hang_trigger));
+}
+
 /* Returns true when the callback asked to pause (returned 1). */
 static bool invoke(run_ctx *ctx, RKLLMResult *result, LLMCallState state)
 {
@@ -1187,6 +1227,11 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
         if (generated == m->segv_at_token) {
             fprintf(stderr, "E rkllm-double: segv_at_token fault at token %d\n", generated);
             raise(SIGSEGV);
+        }
+        if (hang_applies(m, plan, generated)) {
+            hang(h, generated);
+            reason = "abort";
+            break;
         }
         if (generated == m->error_at_token) {
             fprintf(stderr, "E rkllm: inference failed at token %d (error_at_token fault)\n", generated);
