@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 RENDER_PLAYBOOK = REPO / "tests/unit/ops_fixtures/render_monitoring.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"
 
 # Two boards (4 GiB and 16 GiB class) and a balancer that is also the monitor host.
 TEST_INVENTORY: dict[str, Any] = {
@@ -58,6 +59,7 @@ def render_monitoring(
         "monitoring_prometheus_config_dir": str(out_dir),
         "monitoring_prometheus_rules_dir": str(out_dir / "rules"),
         "monitoring_promtool_path": PROMTOOL,
+        "monitoring_amtool_path": AMTOOL,
         "monitoring_model_catalog": TEST_CATALOG,
         **(extra_vars or {}),
     }
