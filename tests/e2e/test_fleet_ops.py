@@ -16,13 +16,10 @@ import math
 import os
 import re
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -31,7 +28,14 @@ import yaml
 from e2e.playbooks import playbook
 from fleet.host import Host
 from fleet.sim import Fleet
-from unit.monitoring_harness import FAST_ALERTING, board_down_alerts, board_health, prometheus_api
+from unit.monitoring_harness import (
+    FAST_ALERTING,
+    AlertWebhook,
+    alert_webhook,
+    board_down_alerts,
+    board_health,
+    prometheus_api,
+)
 from unit.server_harness import free_port, wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -85,41 +89,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         started.down()
 
 
-@dataclass
-class AlertWebhook:
-    """An HTTP server on the controller's bridge address collecting Alertmanager's webhook posts."""
-
-    url: str
-    posts: list[dict[str, Any]] = field(default_factory=list)
-
-    def notified(self, alertname: str, board: str, status: str) -> bool:
-        return any(alert["status"] == status and alert["labels"].get("alertname") == alertname
-                   and alert["labels"].get("board") == board
-                   for post in list(self.posts) for alert in post["alerts"])
-
-
 @pytest.fixture(scope="module")
-def alert_webhook(fleet: Fleet) -> Iterator[AlertWebhook]:
-    posts: list[dict[str, Any]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer((controller_address(fleet), 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield AlertWebhook(f"http://{controller_address(fleet)}:{server.server_address[1]}/alerts", posts)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def webhook(fleet: Fleet) -> Iterator[AlertWebhook]:
+    """The alert receiver, on the controller's bridge address the monitor host reaches."""
+    with alert_webhook(controller_address(fleet)) as receiver:
+        yield receiver
 
 
 @dataclass(frozen=True)
@@ -133,15 +107,14 @@ class MonitoringRuns:
 
 
 @pytest.fixture(scope="module")
-def monitoring_runs(fleet: Fleet, alert_webhook: AlertWebhook) -> MonitoringRuns:
+def monitoring_runs(fleet: Fleet, webhook: AlertWebhook) -> MonitoringRuns:
     for board in fleet.boards:
         # Like debugfs on a real board: only root may read the rknpu files.
         board.exec(["chmod", "0700", DEBUGFS])
-    # Notifications within a second; an e-mail receiver holding a password, for severities no alert
-    # has (there is no mail server here), so the secret's handling is seen without mail being sent.
+    # An e-mail receiver holding a password, for severities no alert has (there is no mail server
+    # here), so the secret's handling is seen without mail being sent.
     receivers = json.dumps({
-        "monitoring_alertmanager_webhook_urls": [alert_webhook.url],
-        "monitoring_alertmanager_group_wait": "1s", "monitoring_alertmanager_group_interval": "1s",
+        "monitoring_alertmanager_webhook_urls": [webhook.url],
         "monitoring_alertmanager_email_to": ["oncall@example.org"],
         "monitoring_alertmanager_email_severities": ["page"],
         "monitoring_alertmanager_email_from": "fleet@example.org",
@@ -243,24 +216,24 @@ def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prome
 
 
 def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str,
-                                                        alert_webhook: AlertWebhook) -> None:
+                                                        webhook: AlertWebhook) -> None:
     all_up = {"board1": "up", "board2": "up", "board3": "up"}
     wait_until(lambda: board_health(prometheus) == all_up, timeout=60, interval=0.5)
     assert board_down_alerts(prometheus) == {}
-    assert not alert_webhook.notified("RkllmBoardDown", "board2", "firing")
+    assert not webhook.notified("RkllmBoardDown", "board2", "firing")
     fleet.board("board2").exec(["systemctl", "stop", "rkllm-server"])
     try:
         wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"}, timeout=60, interval=0.5)
         # Prometheus -> Alertmanager on the monitor host -> the webhook on the controller.
-        wait_until(lambda: alert_webhook.notified("RkllmBoardDown", "board2", "firing"),
+        wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"),
                    timeout=60, interval=0.5)
     finally:
         fleet.board("board2").exec(["systemctl", "start", "rkllm-server"])
     wait_until(lambda: board_down_alerts(prometheus) == {}, timeout=90, interval=0.5)
     assert board_health(prometheus) == all_up
-    wait_until(lambda: alert_webhook.notified("RkllmBoardDown", "board2", "resolved"),
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"),
                timeout=60, interval=0.5)
-    assert not any(alert_webhook.notified("RkllmBoardDown", board, "firing")
+    assert not any(webhook.notified("RkllmBoardDown", board, "firing")
                    for board in ("board1", "board3"))
 
 
