@@ -15,7 +15,7 @@ packages=(
   debootstrap qemu-user-static binfmt-support systemd-container       # simulated boards
   iproute2 nftables                                                   # simulated network, firewall checks
   nginx libnginx-mod-http-js                                          # balancer config checks and bench
-  prometheus                                                          # promtool checks, alert tests
+  prometheus prometheus-alertmanager                                  # promtool, amtool checks, alert tests
 )
 
 missing=()
@@ -28,7 +28,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # Installing nginx or prometheus may start them on a systemd host; the controller needs the binaries.
-for service in nginx prometheus; do
+for service in nginx prometheus prometheus-alertmanager; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
     systemctl disable --now "$service" >/dev/null 2>&1 || true
   fi

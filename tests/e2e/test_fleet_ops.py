@@ -3,14 +3,16 @@ then ansible/monitoring.yml as an operator runs it. The balancer doubles as the 
 rkllm_monitor) and the images carry the Debian packages the role installs, so the role's installs are
 no-ops here and everything else (exporters, the rknpu collector timer, Prometheus with its rules)
 is applied for real. The test reads that Prometheus through an SSH tunnel: every target up, the
-NPU textfile reaching it, RkllmBoardDown firing when board2's server stops and clearing when it is
-back. rkllm-bench (ansible/benchmark.yml) flags board2, whose double decodes below 80 % of the
-catalog speed."""
+NPU textfile reaching it, every dashboard panel's query answering, RkllmBoardDown firing when
+board2's server stops and clearing when it is back, both delivered by the role's Alertmanager to a
+webhook receiver on the controller. rkllm-bench (ansible/benchmark.yml) flags board2, whose
+double decodes below 80 % of the catalog speed."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,12 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 import yaml
 from e2e.playbooks import playbook
 from fleet.host import Host
 from fleet.sim import Fleet
-from unit.monitoring_harness import FAST_ALERTING, board_down_alerts, board_health, prometheus_api
+from unit.monitoring_harness import (
+    FAST_ALERTING,
+    AlertWebhook,
+    alert_webhook,
+    board_down_alerts,
+    board_health,
+    prometheus_api,
+)
 from unit.server_harness import free_port, wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -45,6 +55,9 @@ DEBUGFS = "/srv/fixtures/rknpu"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 COLLECTOR = "/usr/local/libexec/rknpu-textfile-collector"
 HOSTS = ("board1", "board2", "board3", "balancer1")
+DASHBOARD = REPO_ROOT / "roles/monitoring/files/rkllm-fleet-dashboard.json"
+ALERTMANAGER_CONFIG = "/etc/prometheus/alertmanager.yml"
+SMTP_PASSWORD = "smtp-S3CRET-never-printed"
 RECAP = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=\d+\s+skipped=\d+\s+"
                    r"rescued=(\d+)", re.M)
 
@@ -76,6 +89,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         started.down()
 
 
+@pytest.fixture(scope="module")
+def webhook(fleet: Fleet) -> Iterator[AlertWebhook]:
+    """The alert receiver, on the controller's bridge address the monitor host reaches."""
+    with alert_webhook(controller_address(fleet)) as receiver:
+        yield receiver
+
+
 @dataclass(frozen=True)
 class MonitoringRuns:
     """ansible/monitoring.yml in check mode, then twice for real; what check mode left behind."""
@@ -83,23 +103,37 @@ class MonitoringRuns:
     check_mode_traces: dict[str, str]
     first: str
     second: str
+    check: str
 
 
 @pytest.fixture(scope="module")
-def monitoring_runs(fleet: Fleet) -> MonitoringRuns:
+def monitoring_runs(fleet: Fleet, webhook: AlertWebhook) -> MonitoringRuns:
     for board in fleet.boards:
         # Like debugfs on a real board: only root may read the rknpu files.
         board.exec(["chmod", "0700", DEBUGFS])
-    playbook(fleet, "ansible/monitoring.yml", "--check")
+    # An e-mail receiver holding a password, for severities no alert has (there is no mail server
+    # here), so the secret's handling is seen without mail being sent.
+    receivers = json.dumps({
+        "monitoring_alertmanager_webhook_urls": [webhook.url],
+        "monitoring_alertmanager_email_to": ["oncall@example.org"],
+        "monitoring_alertmanager_email_severities": ["page"],
+        "monitoring_alertmanager_email_from": "fleet@example.org",
+        "monitoring_alertmanager_smtp_smarthost": "smtp.example.org:587",
+        "monitoring_alertmanager_smtp_auth_username": "fleet",
+        "monitoring_alertmanager_smtp_auth_password": SMTP_PASSWORD,
+    })
+    check = playbook(fleet, "ansible/monitoring.yml", "-e", receivers, "--check", "--diff").stdout
     board1, monitor = fleet.board("board1"), fleet.balancer
     traces = {
         "collector script": board1.exec(["ls", COLLECTOR], check=False).stdout,
         "prometheus": monitor.exec(["systemctl", "is-active", "prometheus"], check=False).stdout.strip(),
+        "alertmanager": monitor.exec(["systemctl", "is-active", "prometheus-alertmanager"],
+                                     check=False).stdout.strip(),
         "rules": monitor.exec(["ls", "/etc/prometheus/rules"], check=False).stdout,
     }
-    first = playbook(fleet, "ansible/monitoring.yml").stdout
-    second = playbook(fleet, "ansible/monitoring.yml").stdout
-    return MonitoringRuns(traces, first, second)
+    first = playbook(fleet, "ansible/monitoring.yml", "-e", receivers, "--diff").stdout
+    second = playbook(fleet, "ansible/monitoring.yml", "-e", receivers).stdout
+    return MonitoringRuns(traces, first, second, check)
 
 
 @contextmanager
@@ -146,7 +180,8 @@ def task_results(output: str, task: str) -> list[str]:
 
 
 def test_monitoring_playbook_installs_nothing_here_and_is_idempotent(monitoring_runs: MonitoringRuns) -> None:
-    nothing_applied = {"collector script": "", "prometheus": "inactive", "rules": ""}
+    nothing_applied = {"collector script": "", "prometheus": "inactive", "alertmanager": "inactive",
+                       "rules": ""}
     assert monitoring_runs.check_mode_traces == nothing_applied
     # The packages are in the images: the install task finds them, the lists are never refreshed.
     assert task_results(monitoring_runs.first, "Install from the current package lists") == [
@@ -155,6 +190,19 @@ def test_monitoring_playbook_installs_nothing_here_and_is_idempotent(monitoring_
     assert set(first) == set(HOSTS)
     assert all(changed > 0 and rescued == 0 for changed, rescued in first.values()), first
     assert changed_and_rescued(monitoring_runs.second) == {host: (0, 0) for host in HOSTS}
+
+
+def test_smtp_password_is_never_printed_nor_world_readable(fleet: Fleet,
+                                                           monitoring_runs: MonitoringRuns) -> None:
+    for run in (monitoring_runs.check, monitoring_runs.first, monitoring_runs.second):
+        assert SMTP_PASSWORD not in run
+    # --diff did show the other files it changed.
+    assert "+++ after: " in monitoring_runs.first
+    monitor = fleet.balancer
+    assert monitor.exec(["stat", "-c", "%U %G %a", ALERTMANAGER_CONFIG]).stdout == "root prometheus 640\n"
+    assert SMTP_PASSWORD in monitor.exec(["cat", ALERTMANAGER_CONFIG]).stdout
+    as_nobody = monitor.exec(["runuser", "-u", "nobody", "--", "cat", ALERTMANAGER_CONFIG], check=False)
+    assert as_nobody.returncode != 0
 
 
 def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prometheus: str) -> None:
@@ -167,17 +215,57 @@ def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prome
     assert sample(prometheus, "nginx_connections_accepted")["balancer1"] >= 1
 
 
-def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str) -> None:
+def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str,
+                                                        webhook: AlertWebhook) -> None:
     all_up = {"board1": "up", "board2": "up", "board3": "up"}
     wait_until(lambda: board_health(prometheus) == all_up, timeout=60, interval=0.5)
     assert board_down_alerts(prometheus) == {}
+    assert not webhook.notified("RkllmBoardDown", "board2", "firing")
     fleet.board("board2").exec(["systemctl", "stop", "rkllm-server"])
     try:
         wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"}, timeout=60, interval=0.5)
+        # Prometheus -> Alertmanager on the monitor host -> the webhook on the controller.
+        wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"),
+                   timeout=60, interval=0.5)
     finally:
         fleet.board("board2").exec(["systemctl", "start", "rkllm-server"])
     wait_until(lambda: board_down_alerts(prometheus) == {}, timeout=90, interval=0.5)
     assert board_health(prometheus) == all_up
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"),
+               timeout=60, interval=0.5)
+    assert not any(webhook.notified("RkllmBoardDown", board, "firing")
+                   for board in ("board1", "board3"))
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard query; Grafana's rate interval becomes a minute
+    (the fleet is scraped every second)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"].replace("$__rate_interval", "1m"))
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def finite_values(prometheus: str, expression: str) -> list[float]:
+    result = (prometheus_api(prometheus, f"query?query={quote(expression)}") or {}).get("result", [])
+    return [value for value in (float(r["value"][1]) for r in result) if math.isfinite(value)]
+
+
+def test_every_dashboard_panel_shows_data_on_the_fleet(fleet: Fleet, prometheus: str) -> None:
+    # Latency and speed panels need requests within their rate window: one per board.
+    served = {"board1": QWEN, "board2": QWEN, "board3": PHI}
+    for board, model in served.items():
+        reply = httpx.post(f"http://{fleet.board(board).address}:8080/v1/chat/completions", timeout=60,
+                           json={"model": model, "max_tokens": 4,
+                                 "messages": [{"role": "user", "content": "dashboard"}]})
+        assert reply.status_code == 200, reply.text
+    empty = []
+    for title, expression in panel_queries():
+        try:
+            wait_until(lambda expression=expression: finite_values(prometheus, expression) != [],
+                       timeout=30, interval=0.5)
+        except AssertionError:
+            empty.append(f"{title}: {expression}")
+    assert empty == []
 
 
 def test_root_only_npu_files_reach_prometheus_through_the_collector_timer(fleet: Fleet,

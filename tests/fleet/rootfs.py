@@ -43,12 +43,12 @@ BASE_PACKAGES = (
 LAYER_PACKAGES = {
     "board": ("prometheus-node-exporter",),
     "balancer": ("nginx", "libnginx-mod-http-js", "prometheus-node-exporter", "prometheus-nginx-exporter",
-                 "prometheus"),
+                 "prometheus", "prometheus-alertmanager"),
 }
 # Installing these enables them; they stay off until the monitoring role turns them on, so hosts that
 # are not monitored boot and run as before.
 LAYER_DISABLED_UNITS = ("prometheus.service", "prometheus-node-exporter.service",
-                        "prometheus-nginx-exporter.service")
+                        "prometheus-nginx-exporter.service", "prometheus-alertmanager.service")
 
 # Units that only cost boot time (or fail) in a container without hardware or a console.
 MASKED_UNITS = (

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 RENDER_PLAYBOOK = REPO / "tests/unit/ops_fixtures/render_monitoring.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
 
 # Two boards (4 GiB and 16 GiB class) and a balancer that is also the monitor host.
 TEST_INVENTORY: dict[str, Any] = {
@@ -34,10 +39,12 @@ TEST_INVENTORY: dict[str, Any] = {
     }
 }
 
-# Scrape and evaluate every second and fire RkllmBoardDown after 3 s, for the live tests.
+# Scrape and evaluate every second, fire RkllmBoardDown after 3 s and notify within a second, for
+# the live tests.
 FAST_ALERTING = {
     "monitoring_scrape_interval": "1s", "monitoring_evaluation_interval": "1s",
     "monitoring_scrape_timeout": "1s", "monitoring_alert_board_down_for": "3s",
+    "monitoring_alertmanager_group_wait": "1s", "monitoring_alertmanager_group_interval": "1s",
 }
 
 TEST_CATALOG = [
@@ -58,6 +65,7 @@ def render_monitoring(
         "monitoring_prometheus_config_dir": str(out_dir),
         "monitoring_prometheus_rules_dir": str(out_dir / "rules"),
         "monitoring_promtool_path": PROMTOOL,
+        "monitoring_amtool_path": AMTOOL,
         "monitoring_model_catalog": TEST_CATALOG,
         **(extra_vars or {}),
     }
@@ -69,19 +77,69 @@ def render_monitoring(
 
 
 @contextmanager
-def running_prometheus(config: Path, data_dir: Path, listen: str) -> Iterator[str]:
-    """Debian's Prometheus binary on `listen` with a rendered configuration; yields its base URL."""
-    log = (data_dir.parent / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
-         f"--web.listen-address={listen}"], stdout=log, stderr=log,
-    )
-    log.close()
+def _running(argv: Sequence[str], log_path: Path) -> Iterator[None]:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log)
     try:
-        yield f"http://{listen}"
+        yield
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def running_prometheus(config: Path, data_dir: Path, listen: str) -> Iterator[str]:
+    """Debian's Prometheus binary on `listen` with a rendered configuration; yields its base URL."""
+    with _running([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+                   f"--web.listen-address={listen}"], data_dir.parent / "prometheus.log"):
+        yield f"http://{listen}"
+
+
+@contextmanager
+def running_alertmanager(config: Path, data_dir: Path, listen: str) -> Iterator[str]:
+    """Debian's Alertmanager binary on `listen`, alone (no cluster port); yields its base URL."""
+    with _running([ALERTMANAGER, f"--config.file={config}", f"--storage.path={data_dir}",
+                   f"--web.listen-address={listen}", "--cluster.listen-address="],
+                  data_dir.parent / "alertmanager.log"):
+        yield f"http://{listen}"
+
+
+@dataclass
+class AlertWebhook:
+    """What an HTTP server received from Alertmanager's webhook receiver."""
+
+    url: str
+    posts: list[dict[str, Any]] = field(default_factory=list)
+
+    def notified(self, alertname: str, board: str, status: str) -> bool:
+        return any(alert["status"] == status and alert["labels"].get("alertname") == alertname
+                   and alert["labels"].get("board") == board
+                   for post in list(self.posts) for alert in post["alerts"])
+
+
+@contextmanager
+def alert_webhook(address: str) -> Iterator[AlertWebhook]:
+    """An HTTP server on `address` (a free port) collecting the JSON posted to it."""
+    posts: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((address, 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield AlertWebhook(f"http://{address}:{server.server_address[1]}/alerts", posts)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def prometheus_api(prometheus: str, path: str) -> Any:

@@ -1,5 +1,6 @@
 """A real Prometheus (Debian's binary) scrapes two real rkllm-server processes: stopping one makes
-RkllmBoardDown fire, starting it again clears it. Intervals and `for:` are shortened by variables."""
+RkllmBoardDown fire, starting it again clears it, and the role's Alertmanager configuration (Debian's
+Alertmanager) delivers both to a webhook. Intervals and `for:` are shortened by variables."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 from local_servers import LocalServer, local_servers
 from monitoring_harness import (
     FAST_ALERTING,
+    AlertWebhook,
+    alert_webhook,
     board_down_alerts,
     board_health,
     render_monitoring,
+    running_alertmanager,
     running_prometheus,
 )
 from server_harness import free_port, wait_until
@@ -28,28 +32,41 @@ def two_boards(double_library_path: Path, tmp_path: Path) -> Iterator[list[Local
 
 
 @pytest.fixture
-def prometheus(two_boards: list[LocalServer], tmp_path: Path) -> Iterator[str]:
-    listen = f"127.0.0.1:{free_port()}"
+def webhook() -> Iterator[AlertWebhook]:
+    with alert_webhook("127.0.0.1") as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def prometheus(two_boards: list[LocalServer], webhook: AlertWebhook, tmp_path: Path) -> Iterator[str]:
+    listen, alertmanager_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     inventory = {"all": {"children": {"rkllm_boards": {"hosts": {
         f"board{i + 1}": {"ansible_host": "127.0.0.1", "monitoring_rkllm_server_port": server.port}
         for i, server in enumerate(two_boards)
     }}}}}
     render = tmp_path / "prometheus"
-    run = render_monitoring(render, {**FAST_ALERTING, "monitoring_prometheus_listen_address": listen},
+    run = render_monitoring(render, {**FAST_ALERTING, "monitoring_prometheus_listen_address": listen,
+                                     "monitoring_alertmanager_listen_address": alertmanager_listen,
+                                     "monitoring_alertmanager_webhook_urls": [webhook.url]},
                             inventory=inventory)
     assert run.returncode == 0, run.stdout + run.stderr
-    with running_prometheus(render / "prometheus.yml", tmp_path / "tsdb", listen) as url:
+    with (running_alertmanager(render / "alertmanager.yml", tmp_path / "alertmanager", alertmanager_listen),
+          running_prometheus(render / "prometheus.yml", tmp_path / "tsdb", listen) as url):
         yield url
 
 
-def test_board_down_alert_fires_and_clears(prometheus: str, two_boards: list[LocalServer]) -> None:
+def test_board_down_alert_fires_clears_and_is_delivered(prometheus: str, two_boards: list[LocalServer],
+                                                        webhook: AlertWebhook) -> None:
     wait_until(lambda: board_health(prometheus) == {"board1": "up", "board2": "up"}, timeout=30, interval=0.2)
     assert board_down_alerts(prometheus) == {}
 
     two_boards[1].stop()
     wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"}, timeout=30, interval=0.2)
     assert board_health(prometheus)["board1"] == "up"
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"), timeout=30, interval=0.2)
 
     two_boards[1].start()
     wait_until(lambda: board_down_alerts(prometheus) == {}, timeout=30, interval=0.2)
     assert board_health(prometheus) == {"board1": "up", "board2": "up"}
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"), timeout=30, interval=0.2)
+    assert not webhook.notified("RkllmBoardDown", "board1", "firing")

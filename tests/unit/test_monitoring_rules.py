@@ -16,6 +16,9 @@ B2 = {"board": "board2", "instance": "10.0.0.12:8090", "job": "rkllm", "role": "
 N1 = {"board": "board1", "instance": "10.0.0.11:9100", "job": "node", "role": "board"}
 N2 = {"board": "board2", "instance": "10.0.0.12:9100", "job": "node", "role": "board"}
 N3 = {"board": "board3", "instance": "10.0.0.13:9100", "job": "node", "role": "board"}
+LB_NGINX = {"board": "balancer1", "instance": "10.0.0.2:9113", "job": "nginx", "role": "balancer"}
+LB_NODE = {"board": "balancer1", "instance": "10.0.0.2:9100", "job": "node", "role": "balancer"}
+ROOT_FS = {"device": "/dev/mmcblk0p2", "fstype": "ext4", "mountpoint": "/"}
 PHI3 = "Phi-3-mini-4k-instruct"
 RKNPU_FILE = "/var/lib/prometheus/node-exporter/rknpu.prom"
 
@@ -104,6 +107,58 @@ CASES: dict[str, list[tuple[list[dict[str, str]], list[tuple[str, list[dict[str,
          series("rkllm_build_info", {**B1, "model": "Qwen2.5-1.5B-Instruct", "driver": "0.9.8"}, "_x6 1x8"),
          series("rkllm_build_info", {**B2, "model": PHI3, "driver": "0.9.8"}, "1x15")],
         [("3m", []), ("5m", [{"board": "board1", "severity": "warning"}]), ("9m", [])],
+    )],
+    "RkllmBalancerDown": [
+        (  # nginx stops: the exporter answers with nginx_up 0.
+            [series("nginx_up", LB_NGINX, "1x3 0x5 1x10"), series("up", LB_NGINX, "1x18"),
+             series("up", LB_NODE, "1x18")],
+            [("2m", []), ("6m", [{"board": "balancer1", "severity": "critical"}]), ("10m", [])],
+        ),
+        (  # The whole host is unreachable: both scrapes fail.
+            [series("up", LB_NGINX, "1x3 0x5 1x10"), series("up", LB_NODE, "1x3 0x5 1x10")],
+            [("2m", []), ("6m", [{"board": "balancer1", "severity": "critical"}]), ("10m", [])],
+        ),
+    ],
+    "RkllmDiskFilling": [
+        (  # Below 10 % free for longer than 15 minutes; a full tmpfs does not count.
+            [series("node_filesystem_avail_bytes", {**N1, **ROOT_FS}, "5x25 50x20"),
+             series("node_filesystem_size_bytes", {**N1, **ROOT_FS}, "100x45"),
+             series("node_filesystem_avail_bytes", {**N1, "device": "tmpfs", "fstype": "tmpfs",
+                                                    "mountpoint": "/run"}, "1x45"),
+             series("node_filesystem_size_bytes", {**N1, "device": "tmpfs", "fstype": "tmpfs",
+                                                   "mountpoint": "/run"}, "100x45")],
+            [("5m", []), ("20m", [{**N1, **ROOT_FS, "severity": "warning"}]), ("35m", [])],
+        ),
+        (  # Plenty free, but losing a byte a minute: full well within a day. Cleaned up at 21m.
+            [series("node_filesystem_avail_bytes", {**N2, **ROOT_FS}, "90-1x20 95x40"),
+             series("node_filesystem_size_bytes", {**N2, **ROOT_FS}, "100x60")],
+            [("10m", []), ("18m", [{**N2, **ROOT_FS, "severity": "warning"}]), ("60m", [])],
+        ),
+    ],
+    "RkllmSocHot": [(
+        # board1 has thermal zones (its hwmon twin of the soc zone is not reported again);
+        # board2 only an hwmon sensor.
+        [series("node_thermal_zone_temp", {**N1, "type": "soc-thermal", "zone": "0"}, "50x3 90x10 50x5"),
+         series("node_thermal_zone_temp", {**N1, "type": "npu-thermal", "zone": "6"}, "45x18"),
+         series("node_hwmon_temp_celsius", {**N1, "chip": "thermal_thermal_zone0", "sensor": "temp1"},
+                "50x3 90x10 50x5"),
+         series("node_hwmon_temp_celsius", {**N2, "chip": "platform_thermal", "sensor": "temp1"},
+                "40x3 95x10 40x5")],
+        [("2m", []),
+         ("10m", [{"board": "board1", "type": "soc-thermal", "severity": "warning"},
+                  {"board": "board2", "chip": "platform_thermal", "severity": "warning"}]),
+         ("15m", [])],
+    )],
+    "RkllmDrainForgotten": [(
+        # board1 drains at 5m and refuses every request until 46m; board2 drains for 10 minutes
+        # during an update and is resumed.
+        [series("rkllm_requests_rejected_total", {**B1, "model": "m", "reason": "draining"},
+                "0x5 3+3x40 123x10"),
+         series("rkllm_e2e_request_latency_seconds_count", {**B1, "model": "m"}, "0+5x5 30x50"),
+         series("rkllm_requests_rejected_total", {**B2, "model": "m", "reason": "draining"},
+                "0x5 3+3x10 33x40"),
+         series("rkllm_e2e_request_latency_seconds_count", {**B2, "model": "m"}, "0+5x5 25x10 30+5x40")],
+        [("20m", []), ("45m", [{"board": "board1", "severity": "warning"}]), ("58m", [])],
     )],
 }
 
