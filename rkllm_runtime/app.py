@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from rkllm_runtime.api import ollama, openai
+from rkllm_runtime.api import ollama, ollama_admin, openai, responses
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
@@ -58,7 +58,10 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     app.add_middleware(CatchAllMiddleware, on_error=scheduler.metrics.rejected.labels("", "internal").inc)
     app.state.scheduler = scheduler
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(ollama.router)
+    app.include_router(ollama_admin.router)
+    app.include_router(ollama_admin.root_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
