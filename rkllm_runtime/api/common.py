@@ -346,8 +346,13 @@ def reject_unsupported(fields: Mapping[str, tuple[object, object]]) -> None:
     """fields: name -> (value sent, the value meaning "not used"); anything else is a clear 400."""
     for name, (value, neutral) in fields.items():
         if value is not None and value != neutral:
+            instead = f"omit {name}" + (
+                f" or send {json.dumps(neutral)}" if neutral not in (None, "") else ""
+            )
             raise bad_request(
-                f"{name}={value!r} is not supported by this server", param=name, code="unsupported_parameter"
+                f"{name}={value!r} is not supported by this server: {instead}",
+                param=name,
+                code="unsupported_parameter",
             )
 
 

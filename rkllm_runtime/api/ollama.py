@@ -309,7 +309,9 @@ async def chat(request: Request) -> Response:
 def _message(message: ChatMessageIn, index: int) -> Message:
     if message.images:
         raise bad_request(
-            f"messages.{index}.images: images are not supported by this server", param="messages"
+            f"messages.{index}.images: images are not supported by this server (its models read text "
+            "only): send the message without images",
+            param="messages",
         )
     calls = tuple(
         ToolCall(f"call_{index}_{i}", c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))

@@ -381,7 +381,7 @@ class OutputItems:
         assert self._open is not None
         self._text += text
         name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
         return [*events, self.event(name, **self._where(), content_index=0, delta=text, **extra)]
 
     def _open_item(self, kind: str) -> list[dict[str, Any]]:

@@ -130,3 +130,10 @@ def test_unknown_paths_and_methods_name_the_supported_endpoints(server):
     assert "POST /api/chat" in error and "GET /api/tags" in error and "/v1/" not in error
     assert wrong_method.status_code == 405 and "use POST" in wrong_method.json()["error"]
     assert "GET /health" in elsewhere.json()["error"] and "POST /v1/responses" in elsewhere.json()["error"]
+
+
+def test_images_are_refused_with_what_to_send_instead(server):
+    with pytest.raises(ollama.ResponseError) as refused:
+        client_for(server).chat(model=QWEN, messages=[{"role": "user", "content": "x", "images": ["aGk="]}])
+    assert refused.value.status_code == 400
+    assert "send the message without images" in refused.value.error
