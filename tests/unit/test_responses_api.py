@@ -78,6 +78,9 @@ def test_stream_follows_the_documented_event_sequence(qwen_server):
     final = events[-1].response
     assert final.output_text == whole.output_text and final.usage.output_tokens == 12
     assert final.id == events[0].response.id
+    # The client's stream helper checks every item's identity from added to done to completed.
+    with client.responses.stream(model=QWEN, input="Hello there") as helper:
+        assert helper.get_final_response().output_text == whole.output_text
 
 
 def test_instructions_and_message_input_continue_a_conversation_from_the_cache(qwen_server, double_log):
@@ -137,6 +140,9 @@ def test_thinking_becomes_a_reasoning_item(r1_server):
     streamed_thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert streamed_thought == thought
     assert events[-1].response.output_text == response.output_text
+    with client.responses.stream(model=R1, input="why?") as helper:
+        final = helper.get_final_response()
+    assert [item.type for item in final.output] == ["reasoning", "message"]
 
 
 def test_function_tools_come_back_as_function_call_items(qwen_server, double_log):
@@ -152,6 +158,9 @@ def test_function_tools_come_back_as_function_call_items(qwen_server, double_log
     assert [item.type for item in added][-1] == "function_call"
     (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert json.loads(done.arguments) == {"location": "Paris"}
+    with client.responses.stream(model=QWEN, input=question, tools=[WEATHER]) as helper:
+        (helped,) = [i for i in helper.get_final_response().output if i.type == "function_call"]
+    assert json.loads(helped.arguments) == {"location": "Paris"}
     # The result goes back as a function_call_output item, rendered as a tool turn.
     follow_up = [
         *question,
