@@ -40,6 +40,8 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 AUTO_MODEL = "auto"
+# Ollama's default tag: "qwen:latest" names the same model as "qwen" (nginx strips it too).
+LATEST_TAG = ":latest"
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned
 # Bounds on list lengths that cut a hostile body's validation short (pydantic stops at the first
 # item over the limit). Every chat turn costs at least 4 tokens of template, so more messages
@@ -256,7 +258,7 @@ def resolve_model(
 ) -> ModelConfig:
     """The configured model a request names; "auto" picks the quick or the reasoning model."""
     name = requested
-    if requested == AUTO_MODEL:
+    if requested in (AUTO_MODEL, AUTO_MODEL + LATEST_TAG):
         rules = config.routing
         if wants_reasoning is None:
             lowered = text.lower()
@@ -269,7 +271,7 @@ def resolve_model(
         same_kind = next((m for m in config.models if m.kind == kind), None)
         fallback = preferred or same_kind or (config.models[0] if config.models else None)
         name = fallback.name if fallback else requested
-    model = config.model(name)
+    model = config.model(name) or config.model(name.removesuffix(LATEST_TAG))
     if model is None:
         known = ", ".join([AUTO_MODEL, *(m.name for m in config.models)])
         raise ApiError(
@@ -344,9 +346,35 @@ def reject_unsupported(fields: Mapping[str, tuple[object, object]]) -> None:
     """fields: name -> (value sent, the value meaning "not used"); anything else is a clear 400."""
     for name, (value, neutral) in fields.items():
         if value is not None and value != neutral:
-            raise bad_request(
-                f"{name}={value!r} is not supported by this server", param=name, code="unsupported_parameter"
+            instead = f"omit {name}" + (
+                f" or send {json.dumps(neutral)}" if neutral not in (None, "") else ""
             )
+            raise bad_request(
+                f"{name}={value!r} is not supported by this server: {instead}",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+def refuse_structured_output(param: str, value: object, instead: str) -> ApiError:
+    """Constrained decoding needs the sampler, which librkllmrt does not expose; say what works."""
+    return bad_request(
+        f"{param}={value!r} is not supported: the NPU runtime cannot constrain decoding to JSON or a "
+        f"schema. {instead}, ask for JSON in the prompt (include the schema in the system message) "
+        "and validate the reply client-side, retrying if it does not parse.",
+        param=param,
+        code="unsupported_value",
+    )
+
+
+def refuse_forced_tool_choice(param: str, value: object) -> ApiError:
+    return bad_request(
+        f"{param}={value!r} is not supported: the NPU runtime cannot force a tool call: send 'auto' "
+        '(or omit it) and describe the required call in the system message (e.g. "always answer by '
+        'calling get_weather"), then check the reply for a tool call client-side.',
+        param=param,
+        code="unsupported_value",
+    )
 
 
 @dataclass

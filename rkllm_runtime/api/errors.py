@@ -82,7 +82,27 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(request.url.path, ApiError(exc.status_code, str(exc.detail)))
+    path, method = request.url.path, request.method
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no endpoint {method} {path}; this server has: {', '.join(endpoints(request, path))}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{method} is not supported on {path}; use {allowed}"
+    return error_response(path, ApiError(exc.status_code, message))
+
+
+def endpoints(request: Request, path: str) -> list[str]:
+    """The documented endpoints (the OpenAPI document's) of path's API family (/v1/ or /api/),
+    else every one."""
+    family = next((prefix for prefix in ("/v1/", "/api/") if path.startswith(prefix)), "/")
+    documented: dict[str, dict[str, object]] = request.app.openapi()["paths"]
+    return [
+        f"{method.upper()} {route}"
+        for route, operations in documented.items()
+        if route.startswith(family)
+        for method in operations
+    ]
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

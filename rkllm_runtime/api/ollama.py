@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    AUTO_MODEL,
     MAX_MESSAGES,
     MAX_TOOLS,
     Delta,
@@ -30,6 +31,7 @@ from rkllm_runtime.api.common import (
     dumps,
     json_body,
     read_json,
+    refuse_structured_output,
     reject_unsupported,
     render_prompt,
     resolve_model,
@@ -44,12 +46,15 @@ from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
-from rkllm_runtime.registry import ModelUnavailableError
+from rkllm_runtime.registry import ModelUnavailableError, footprint_mb
 from rkllm_runtime.scheduler import AdmissionRefusedError, Job
 
 router = APIRouter(prefix="/api")
 
 NS = 1_000_000_000
+# What /api/version reports: clients gate features on Ollama's version, and 0.9.0 is the first with
+# the `think` field (tools in streams came in 0.8), both of which this server implements.
+OLLAMA_VERSION = "0.9.0"
 _PARAMETER_SIZE = re.compile(r"(\d+(?:\.\d+)?[BM])\b")
 
 
@@ -95,7 +100,7 @@ class ToolCallIn(_Request):
 
 class ChatMessageIn(_Request):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = None  # null in an assistant turn that only calls tools
     images: list[str] | None = None
     tool_calls: list[ToolCallIn] | None = None
 
@@ -116,7 +121,8 @@ class _Generation(_Request):
     def check(self, request: Request, model: ModelConfig) -> dict[str, str]:
         """Refuse what cannot be served; returns the headers naming sampling values not applied."""
         options = self.options
-        reject_unsupported({"format": (self.format, "")})
+        if self.format not in (None, ""):
+            raise refuse_structured_output("format", self.format, "Omit format")
         if options.num_ctx is not None and options.num_ctx > model.context_length:
             raise bad_request(
                 f"options.num_ctx={options.num_ctx} exceeds model {model.name}'s context of "
@@ -188,12 +194,33 @@ def _model_entry(model: ModelConfig) -> dict[str, Any]:
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    return {"version": metadata.version("rkllm-runtime")}
+    return {"version": OLLAMA_VERSION, "rkllm_runtime": metadata.version("rkllm-runtime")}
 
 
 @router.get("/tags")
 async def tags(request: Request) -> dict[str, Any]:
-    return {"models": [_model_entry(m) for m in scheduler_of(request).config.models]}
+    models = scheduler_of(request).config.models
+    return {"models": [_auto_entry(), *(_model_entry(m) for m in models)]}
+
+
+def _auto_entry() -> dict[str, Any]:
+    """Listed so that clients validating a name against /api/tags accept it (langchain-ollama)."""
+    details = {
+        "parent_model": "",
+        "format": "rkllm",
+        "family": AUTO_MODEL,
+        "families": [AUTO_MODEL],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+    return {
+        "name": AUTO_MODEL,
+        "model": AUTO_MODEL,
+        "modified_at": _now(),
+        "size": 0,
+        "digest": "",
+        "details": details,
+    }
 
 
 @router.get("/ps")
@@ -202,7 +229,14 @@ async def ps(request: Request) -> dict[str, Any]:
     entries = []
     for loaded in scheduler.registry.loaded():
         entry = _model_entry(loaded.config)
-        entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=loaded.config.memory_mb << 20)
+        # Each KV slot is a handle holding its own copy of the weights in NPU memory.
+        memory = footprint_mb(loaded.config) << 20
+        entry.update(
+            expires_at="9999-12-31T23:59:59Z",
+            size=memory,
+            size_vram=memory,
+            context_length=loaded.config.context_length,
+        )
         entries.append(entry)
     return {"models": entries}
 
@@ -275,13 +309,15 @@ async def chat(request: Request) -> Response:
 def _message(message: ChatMessageIn, index: int) -> Message:
     if message.images:
         raise bad_request(
-            f"messages.{index}.images: images are not supported by this server", param="messages"
+            f"messages.{index}.images: images are not supported by this server (its models read text "
+            "only): send the message without images",
+            param="messages",
         )
     calls = tuple(
         ToolCall(f"call_{index}_{i}", c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
         for i, c in enumerate(message.tool_calls or [])
     )
-    return Message(message.role, message.content, calls)
+    return Message(message.role, message.content or "", calls)
 
 
 async def _load_or_unload(

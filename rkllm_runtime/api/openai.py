@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -31,6 +32,8 @@ from rkllm_runtime.api.common import (
     dumps,
     json_body,
     read_json,
+    refuse_forced_tool_choice,
+    refuse_structured_output,
     reject_unsupported,
     render_prompt,
     resolve_model,
@@ -113,21 +116,23 @@ class _Generation(_Request):
 
     def check(self, request: Request, model: ModelConfig) -> dict[str, str]:
         """Refuse what cannot be served; returns the headers naming sampling values not applied."""
+        self.reject_unsupported()
+        return apply_sampling_policy(request, model, self.sampling())
+
+    def reject_unsupported(self) -> None:
         reject_unsupported(
             {"n": (self.n, 1), "logprobs": (self.logprobs, False), "logit_bias": (self.logit_bias, {})}
         )
-        return apply_sampling_policy(
-            request,
-            model,
-            {
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "seed": self.seed,
-                "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty,
-            },
-        )
+
+    def sampling(self) -> dict[str, float | int | None]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
 
 
 class ChatCompletionRequest(_Generation):
@@ -216,47 +221,83 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
 
 
-@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
-async def chat_completions(request: Request) -> Response:
-    body = await read_json(request, ChatCompletionRequest)
+@dataclass
+class ChatTurn:
+    """A conversation to continue, as chat completions and responses both ask for one."""
+
+    model: str
+    messages: list[Message]
+    reasoning_effort: str | None
+    tools: Sequence[ToolSpec] | None
+    tool_choice: object
+    max_tokens: int | None
+    stops: list[str]
+    sampling: Mapping[str, float | int | None]
+
+
+@dataclass
+class StartedTurn:
+    generation: Generation
+    output: OutputAssembler
+    headers: dict[str, str]  # the sampling values not applied
+
+
+async def start_turn(request: Request, turn: ChatTurn) -> StartedTurn:
+    """Route, refuse what cannot be served, render, then wait for the turn and the handle."""
     config = scheduler_of(request).config
-    messages = to_messages(body.messages)
+    messages = turn.messages
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
-    wants_reasoning = (
-        None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
-    )
-    model = resolve_model(config, body.model, wants_reasoning, last_user)
-    headers = body.check(request, model)
-    reject_unsupported(
-        {
-            "top_logprobs": (body.top_logprobs, 0),
-            "audio": (body.audio, None),
-            "response_format": (
-                None if body.response_format in (None, {"type": "text"}) else body.response_format,
-                None,
-            ),
-        }
-    )
-    if body.tool_choice not in (None, "auto", "none"):
-        raise bad_request(
-            "tool_choice: only 'auto' and 'none' are supported (the runtime cannot force a call); "
-            "send 'auto' and describe in the prompt which tool to use",
-            param="tool_choice",
-            code="unsupported_value",
+    effort = turn.reasoning_effort
+    wants_reasoning = None if effort is None else effort not in ("none", "minimal")
+    model = resolve_model(config, turn.model, wants_reasoning, last_user)
+    headers = apply_sampling_policy(request, model, turn.sampling)
+    if turn.tool_choice not in (None, "auto", "none"):
+        choice = turn.tool_choice
+        raise refuse_forced_tool_choice(
+            "tool_choice", choice.model_dump() if isinstance(choice, BaseModel) else choice
         )
-    tools = tools_text(body.tools) if body.tool_choice != "none" else ""
-    prompt = await render_prompt(config, model, messages)
+    tools = tools_text(turn.tools) if turn.tool_choice != "none" else ""
     job = Job(
-        prompt=prompt,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
+        prompt=await render_prompt(config, model, messages),
+        max_tokens=turn.max_tokens,
         tools_json=tools,
         role="tool" if messages[-1].role == "tool" else "user",
         arrived=time.monotonic(),
     )
-    output = OutputAssembler(config.think == "separate", bool(tools), body.stops())
-    generation = await start_generation(request, model, job)
+    output = OutputAssembler(config.think == "separate", bool(tools), turn.stops)
+    return StartedTurn(await start_generation(request, model, job), output, headers)
+
+
+@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    body = await read_json(request, ChatCompletionRequest)
+    body.reject_unsupported()
+    reject_unsupported({"top_logprobs": (body.top_logprobs, 0), "audio": (body.audio, None)})
+    if body.response_format not in (None, {"type": "text"}):
+        raise refuse_structured_output(
+            "response_format", body.response_format, "Send response_format {'type': 'text'} or omit it"
+        )
+    turn = ChatTurn(
+        model=body.model,
+        messages=to_messages(body.messages),
+        reasoning_effort=body.reasoning_effort,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stops=body.stops(),
+        sampling=body.sampling(),
+    )
+    started = await start_turn(request, turn)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, generation, output, body.stream, include_usage, _ChatShape(), headers)
+    return await _respond(
+        request,
+        started.generation,
+        started.output,
+        body.stream,
+        include_usage,
+        _ChatShape(),
+        started.headers,
+    )
 
 
 @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))

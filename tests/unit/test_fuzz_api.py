@@ -18,7 +18,15 @@ from server_harness import QWEN, RunningServer, log_lines, model_entry, start_se
 __all__ = ["start_server"]
 
 EXAMPLES_PER_ROUTE = 300
-POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show"]
+POST_ROUTES = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/api/chat",
+    "/api/generate",
+    "/api/show",
+    "/api/pull",
+]
 
 json_values = st.recursive(
     st.none()
@@ -159,4 +167,6 @@ def test_openapi_documents_every_request_body(start_server, make_model):
     assert set(chat["schema"]["required"]) == {"model", "messages"}
     tool = chat["schema"]["properties"]["tools"]["anyOf"][0]["items"]
     assert tool["properties"]["function"]["properties"]["name"]["pattern"] == "^[A-Za-z0-9_.:-]{1,64}$"
+    responses = document["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(responses["schema"]["required"]) == {"model", "input"}
     assert {"/v1/models", "/api/tags", "/health", "/ready", "/metrics"} <= set(document["paths"])

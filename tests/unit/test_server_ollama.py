@@ -32,8 +32,8 @@ def test_version_tags_ps_and_show(two_models):
     client = client_for(two_models)
     assert client._request_raw("GET", "/api/version").json()["version"]
     tags = client.list()
-    assert [m.model for m in tags.models] == [QWEN, R1]
-    assert tags.models[0].digest == "ab" * 32 and tags.models[0].size > 0
+    assert [m.model for m in tags.models] == ["auto", QWEN, R1]
+    assert tags.models[1].digest == "ab" * 32 and tags.models[1].size > 0
     assert [m.model for m in client.ps().models] == [QWEN], "only the pinned model is loaded at start"
     shown = client.show(R1)
     assert "thinking" in shown.capabilities and shown.modelinfo["rkllm.context_length"] == 4096

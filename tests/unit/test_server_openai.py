@@ -369,3 +369,16 @@ def test_multibyte_characters_split_by_the_runtime_arrive_whole(start_server, ma
     )
     assert streamed == whole and "\ufffd" not in whole
     assert any(ch in whole for ch in ("é", "世界", "🙂")), whole
+
+
+def test_unsupported_parameters_say_what_to_send_instead(qwen_server, double_log):
+    client = client_for(qwen_server)
+    for extra, instead in (
+        ({"n": 2}, "omit n or send 1"),
+        ({"logprobs": True}, "omit logprobs or send false"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=QWEN, messages=user("x"), **extra)
+        assert instead in refused.value.body["message"]
+        assert refused.value.body["code"] == "unsupported_parameter"
+    assert log_lines(double_log, "RUN") == []

@@ -1,0 +1,477 @@
+"""OpenAI's Responses API (POST /v1/responses) on the chat path: the same routing, sampling policy,
+template, tools, <think> split and output assembly as /v1/chat/completions; only the shapes differ.
+
+No response is stored: any board behind the balancer may answer the next request, so
+previous_response_id, conversation and the stored-response endpoints are refused with what to send
+instead (the whole conversation as input).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rkllm_runtime.api.common import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    Delta,
+    FunctionSpec,
+    Generation,
+    GuardedStream,
+    Outcome,
+    OutputAssembler,
+    ToolSpec,
+    collect_whole,
+    dumps,
+    json_body,
+    read_json,
+    refuse_structured_output,
+    reject_unsupported,
+    run_error,
+    run_generation,
+    scheduler_of,
+)
+from rkllm_runtime.api.errors import ApiError, bad_request
+from rkllm_runtime.api.openai import ChatTurn, start_turn
+from rkllm_runtime.chat import Message, ToolCall
+from rkllm_runtime.errors import RkllmError
+
+router = APIRouter(prefix="/v1")
+
+SEND_THE_CONVERSATION = (
+    "this server keeps no state between requests (any board behind the balancer may answer the "
+    "next one): send the whole conversation as input, i.e. the earlier input items followed by "
+    "each response's output items"
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputPart(_Request):
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+class InputItem(_Request):
+    """A message (type omitted or "message"), or an earlier turn's function call, its output or
+    reasoning, as the client sends them back."""
+
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: str | list[InputPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputPart] | None = None
+
+
+class FunctionTool(FunctionSpec):
+    """The Responses API's flat function tool: {"type": "function", "name": ..., "parameters": ...}."""
+
+    type: Literal["function"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "function":
+            raise ValueError(
+                f"tools of type {data.get('type')!r} are not supported; only 'function' tools are "
+                "(built-in tools such as web search or file search run on OpenAI's platform)"
+            )
+        return data
+
+
+class TextFormat(_Request):
+    type: str = "text"
+
+
+class TextConfig(_Request):
+    format: TextFormat | None = None
+
+
+class ReasoningConfig(_Request):
+    effort: str | None = None
+
+
+class NamedFunction(_Request):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(_Request):
+    model: str
+    input: str | Annotated[list[InputItem], Field(max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: ReasoningConfig | None = None
+    text: TextConfig | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    prompt: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.previous_response_id is not None:
+            raise bad_request(
+                f"previous_response_id is not supported: {SEND_THE_CONVERSATION}",
+                param="previous_response_id",
+                code="unsupported_parameter",
+            )
+        if self.conversation is not None:
+            raise bad_request(
+                f"conversation is not supported: {SEND_THE_CONVERSATION}",
+                param="conversation",
+                code="unsupported_parameter",
+            )
+        if self.prompt is not None:
+            raise bad_request(
+                "prompt (a stored prompt template) is not supported: send instructions and input",
+                param="prompt",
+                code="unsupported_parameter",
+            )
+        if self.truncation == "auto":
+            raise bad_request(
+                "truncation='auto' is not supported: a conversation longer than the context is refused "
+                "(context_length_exceeded); drop the oldest items client-side and send 'disabled' or omit it",
+                param="truncation",
+                code="unsupported_value",
+            )
+        text_format = self.text.format if self.text and self.text.format else None
+        if text_format is not None and text_format.type != "text":
+            raise refuse_structured_output(
+                "text.format", text_format.model_dump(), "Send text.format {'type': 'text'} or omit it"
+            )
+        reject_unsupported({"top_logprobs": (self.top_logprobs, 0), "background": (self.background, False)})
+
+    def messages(self) -> list[Message]:
+        messages = [Message("system", self.instructions)] if self.instructions else []
+        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for index, item in enumerate(items):
+            _append_item(messages, item, f"input.{index}")
+        if not messages:
+            raise bad_request("input: at least one message is needed", param="input")
+        return messages
+
+    def function_tools(self) -> list[ToolSpec] | None:
+        if not self.tools:
+            return None
+        return [
+            ToolSpec(type="function", function=FunctionSpec.model_validate(t.model_dump(exclude={"type"})))
+            for t in self.tools
+        ]
+
+
+def _append_item(messages: list[Message], item: InputItem, where: str) -> None:
+    if item.type == "reasoning":
+        return  # earlier reasoning is not rendered back into the conversation
+    if item.type == "function_call":
+        if not item.name or item.call_id is None:
+            raise bad_request(f"{where}: a function_call item needs name and call_id", param="input")
+        call = ToolCall(item.call_id, item.name, item.arguments or "{}")
+        if messages and messages[-1].role == "assistant":
+            last = messages.pop()
+            messages.append(Message("assistant", last.content, (*last.tool_calls, call)))
+        else:
+            messages.append(Message("assistant", "", (call,)))
+    elif item.type == "function_call_output":
+        if item.output is None:
+            raise bad_request(f"{where}.output: a function_call_output item needs output", param="input")
+        messages.append(Message("tool", _text(item.output, f"{where}.output")))
+    else:
+        if item.role is None:
+            raise bad_request(
+                f"{where}.role: a message needs a role (system, developer, user or assistant)", param="input"
+            )
+        role = "system" if item.role == "developer" else item.role
+        messages.append(Message(role, _text(item.content, f"{where}.content")))
+
+
+def _text(content: str | list[InputPart] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for index, part in enumerate(content):
+        if part.type in ("input_text", "output_text", "text") and part.text is not None:
+            texts.append(part.text)
+        elif part.type == "refusal" and part.refusal is not None:
+            texts.append(part.refusal)
+        else:
+            raise bad_request(
+                f"{where}.{index}: content parts of type {part.type!r} are not supported "
+                "(text only: input_text, output_text)",
+                param="input",
+            )
+    return "".join(texts)
+
+
+@router.post("/responses", response_model=None, openapi_extra=json_body(ResponsesRequest))
+async def create_response(request: Request) -> Response:
+    body = await read_json(request, ResponsesRequest)
+    body.refuse_unsupported()
+    tools = body.function_tools()
+    turn = ChatTurn(
+        model=body.model,
+        messages=body.messages(),
+        reasoning_effort=body.reasoning.effort if body.reasoning else None,
+        tools=tools,
+        tool_choice=body.tool_choice,
+        max_tokens=body.max_output_tokens,
+        stops=[],
+        sampling={"temperature": body.temperature, "top_p": body.top_p},
+    )
+    started = await start_turn(request, turn)
+    echo = _Echo.of(request, body, started.generation)
+    items = OutputItems()
+    if body.stream:
+        events = _stream(started.generation, started.output, items, echo)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **started.headers}
+        return GuardedStream(events, started.generation, media_type="text/event-stream", headers=headers)
+    total, outcome = await collect_whole(request, started.generation, started.output)
+    items.feed(total)
+    items.finish(outcome)
+    return JSONResponse(echo.finished(items, outcome), headers=started.headers)
+
+
+@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"], include_in_schema=False)
+@router.api_route("/responses/{response_id}/{action}", methods=["GET", "POST"], include_in_schema=False)
+async def stored_response(response_id: str) -> Response:
+    raise ApiError(
+        404,
+        f"response {response_id!r} not found: responses are not stored on this server; "
+        + SEND_THE_CONVERSATION,
+        param="response_id",
+        code="response_not_found",
+    )
+
+
+@dataclass
+class _Echo:
+    """The request fields every Response object repeats, and the sampling the model really ran with."""
+
+    response_id: str
+    created_at: int
+    model: str
+    body: ResponsesRequest
+    temperature: float
+    top_p: float
+    bytes_per_token: float
+
+    @classmethod
+    def of(cls, request: Request, body: ResponsesRequest, generation: Generation) -> _Echo:
+        model = scheduler_of(request).config.model(generation.model)
+        assert model is not None  # the generation runs on a configured model
+        return cls(
+            f"resp_{uuid.uuid4().hex}",
+            int(time.time()),
+            generation.model,
+            body,
+            model.temperature,
+            model.top_p,
+            model.bytes_per_token,
+        )
+
+    def response(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        body = self.body
+        effort = body.reasoning.effort if body.reasoning else None
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": {"effort": effort, "summary": None},
+            "store": False,
+            "temperature": self.temperature,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": body.tool_choice.model_dump()
+            if isinstance(body.tool_choice, BaseModel)
+            else body.tool_choice or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "top_p": self.top_p,
+            "truncation": "disabled",
+            "usage": None,
+            "metadata": body.metadata or {},
+            **fields,
+        }
+
+    def finished(self, items: OutputItems, outcome: Outcome) -> dict[str, Any]:
+        reasoning = min(outcome.completion_tokens, math.ceil(items.reasoning_bytes / self.bytes_per_token))
+        usage = {
+            "input_tokens": outcome.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
+            "output_tokens": outcome.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        }
+        if outcome.finish_reason == "length":
+            return self.response(
+                "incomplete", items.items, usage=usage, incomplete_details={"reason": "max_output_tokens"}
+            )
+        return self.response("completed", items.items, usage=usage)
+
+
+class OutputItems:
+    """Output items built from the deltas as they arrive, and the stream events announcing each step.
+
+    One item is open at a time: reasoning, then a message, then one item per function call, in the
+    order the model produced them.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.reasoning_bytes = 0
+        self._open: dict[str, Any] | None = None
+        self._text = ""
+        self._sequence = 0
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+    def feed(self, delta: Delta) -> list[dict[str, Any]]:
+        events = []
+        if delta.reasoning:
+            self.reasoning_bytes += len(delta.reasoning.encode())
+            events += self._append("reasoning", delta.reasoning)
+        if delta.content:
+            events += self._append("message", delta.content)
+        for call in delta.tool_calls:
+            events += self._close("completed")
+            events += self._function_call(call)
+        return events
+
+    def finish(self, outcome: Outcome) -> list[dict[str, Any]]:
+        events = [] if self.items else self._open_item("message")
+        return events + self._close("incomplete" if outcome.finish_reason == "length" else "completed")
+
+    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self._open is None or self._open["type"] != kind:
+            events = self._close("completed") + self._open_item(kind)
+        assert self._open is not None
+        self._text += text
+        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
+        return [*events, self.event(name, **self._where(), content_index=0, delta=text, **extra)]
+
+    def _open_item(self, kind: str) -> list[dict[str, Any]]:
+        if kind == "message":
+            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "content": []}
+        else:
+            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "content": []}
+        item["status"] = "in_progress"
+        self._open, self._text = item, ""
+        self.items.append(item)
+        return [
+            self.event("response.output_item.added", output_index=len(self.items) - 1, item=dict(item)),
+            self.event(
+                "response.content_part.added", **self._where(), content_index=0, part=self._part(kind, "")
+            ),
+        ]
+
+    def _close(self, status: str) -> list[dict[str, Any]]:
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        kind, part = item["type"], self._part(item["type"], self._text)
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
+        if kind == "message":
+            done = self.event(
+                "response.output_text.done", **where, content_index=0, text=self._text, logprobs=[]
+            )
+        else:
+            done = self.event("response.reasoning_text.done", **where, content_index=0, text=self._text)
+        item.update(content=[part], status=status)
+        return [
+            done,
+            self.event("response.content_part.done", **where, content_index=0, part=part),
+            self.event("response.output_item.done", output_index=where["output_index"], item=item),
+        ]
+
+    def _function_call(self, call: ToolCall) -> list[dict[str, Any]]:
+        item = {
+            "id": f"fc_{uuid.uuid4().hex}",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": "",
+        }
+        self.items.append(item)
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
+        added = self.event("response.output_item.added", output_index=where["output_index"], item=dict(item))
+        item.update(arguments=call.arguments, status="completed")
+        return [
+            added,
+            self.event("response.function_call_arguments.delta", **where, delta=call.arguments),
+            self.event("response.function_call_arguments.done", **where, arguments=call.arguments),
+            self.event("response.output_item.done", output_index=where["output_index"], item=item),
+        ]
+
+    def _where(self) -> dict[str, Any]:
+        assert self._open is not None
+        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
+
+    @staticmethod
+    def _part(kind: str, text: str) -> dict[str, Any]:
+        if kind == "message":
+            return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "reasoning_text", "text": text}
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
+
+
+async def _stream(
+    generation: Generation, output: OutputAssembler, items: OutputItems, echo: _Echo
+) -> AsyncIterator[bytes]:
+    yield _sse(items.event("response.created", response=echo.response("in_progress", [])))
+    yield _sse(items.event("response.in_progress", response=echo.response("in_progress", [])))
+    try:
+        async with aclosing(run_generation(generation, output)) as produced:
+            async for piece in produced:
+                if isinstance(piece, Outcome):
+                    for event in items.finish(piece):
+                        yield _sse(event)
+                    final = echo.finished(items, piece)
+                    kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+                    yield _sse(items.event(kind, response=final))
+                else:
+                    for event in items.feed(piece):
+                        yield _sse(event)
+    except RkllmError as exc:
+        error = {"code": "server_error", "message": run_error(exc).message}
+        failed = echo.response("failed", items.items, error=error)
+        yield _sse(items.event("response.failed", response=failed))
