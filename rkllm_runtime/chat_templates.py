@@ -45,16 +45,20 @@ def _tojson(
     sort_keys: bool = False,
     ensure_ascii: bool = False,
 ) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(date_format: str) -> str:
-    return datetime.now().strftime(date_format)  # noqa: DTZ005 - the board's local date, as transformers does
+    return datetime.now().strftime(date_format)  # the board's local time, as transformers does
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
     # The settings transformers renders chat templates with, so dropped-in templates behave the same.
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
@@ -73,7 +77,11 @@ def _arguments(text: str) -> object:
 
 
 def _tool_call(call: ToolCall) -> dict[str, object]:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": _arguments(call.arguments)},
+    }
 
 
 def conversation(messages: Sequence[Message], default_system: str = "") -> list[dict[str, object]]:
@@ -118,7 +126,9 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template {self.name}: {exc}") from exc
         except Exception as exc:
             # A template is third-party code: whatever it fails with is its refusal of this conversation.
-            raise ChatTemplateError(f"chat template {self.name} cannot render this conversation: {exc}") from exc
+            raise ChatTemplateError(
+                f"chat template {self.name} cannot render this conversation: {exc}"
+            ) from exc
 
     @cached_property
     def prefix_break(self) -> str | None:
@@ -137,7 +147,9 @@ class ChatTemplate:
                 except ChatTemplateError as exc:
                     return f"it fails on a probe conversation ({exc})"
                 if not after.startswith(before):
-                    return f"the render of a turn and its reply {reply!r} does not start the next turn's render"
+                    return (
+                        f"the render of a turn and its reply {reply!r} does not start the next turn's render"
+                    )
         return None
 
 
@@ -154,4 +166,6 @@ def load_template(path: Path, *, name: str = "", bos_token: str = "", eos_token:
 @cache
 def builtin_templates() -> dict[str, ChatTemplate]:
     """The templates that come with the server (templates/chat in the source tree), by name."""
-    return {path.stem: load_template(path) for path in sorted(BUILTIN_TEMPLATE_DIR.glob(f"*{TEMPLATE_SUFFIX}"))}
+    return {
+        path.stem: load_template(path) for path in sorted(BUILTIN_TEMPLATE_DIR.glob(f"*{TEMPLATE_SUFFIX}"))
+    }
