@@ -17,7 +17,6 @@ from test_server_ops import samples
 
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.chat_templates import (
-    BUILTIN_TEMPLATE_DIR,
     ChatTemplate,
     ChatTemplateError,
     builtin_templates,
@@ -226,15 +225,10 @@ def test_a_template_may_be_named_by_path(tmp_path):
     )
 
 
-def test_builtin_prefix_stability_is_known(caplog):
+def test_builtin_prefix_stability_is_known():
     assert builtin_templates()["chatml"].prefix_break is None
     assert builtin_templates()["phi3"].prefix_break is None
     assert "does not start the next turn's render" in (builtin_templates()["deepseek-r1"].prefix_break or "")
-    assert sorted(p.name for p in BUILTIN_TEMPLATE_DIR.iterdir()) == [
-        "chatml.jinja",
-        "deepseek-r1.jinja",
-        "phi3.jinja",
-    ]
 
 
 def test_a_template_that_drops_earlier_reasoning_switches_kv_reuse_off_saying_so_once(tmp_path, caplog):
