@@ -159,7 +159,7 @@ def test_the_role_ships_template_files_the_server_config_names(tmp_path, make_mo
     (own / "llama3.jinja").write_text(LLAMA3)
     workdir = tmp_path / "render"
     model = {"name": "Llama-3.2-1B", "path": str(make_model("llama")), "kind": "quick", "template": "llama3"}
-    dirs = [str(REPO / "templates/chat"), str(own)]
+    dirs = [str(REPO / "templates/chat"), f"{own}/"]
     settings = {"Llama-3.2-1B": {"bos_token": "<|begin_of_text|>"}}
     role_vars = {"rkllm_server_chat_template_dirs": dirs, "rkllm_server_model_settings": settings}
     config_path = render_server_config(workdir, [model], **role_vars)
