@@ -231,8 +231,9 @@ def parse_config(data: dict[str, object]) -> ServerConfig:
 
 
 def _without_unstable_reuse(config: ServerConfig) -> ServerConfig:
-    """KV-cache reuse off for models whose template is not prefix-stable: a turn could otherwise
-    continue a cache whose text differs from its own render. Said once, when it is switched off."""
+    """KV-cache reuse off for models whose template is not prefix-stable: their next turn's render
+    does not start with the cached text, so each turn is a full prefill anyway; keeping reuse on would
+    only hide that. Said once, when it is switched off (a re-parsed config finds it off already)."""
     models = []
     for model in config.models:
         problem = config.template_for(model).prefix_break if model.kv_cache_reuse else None
