@@ -1,6 +1,7 @@
-"""Chat templates, and the parsing of model output into content, reasoning and tool calls.
+"""Conversations, and the parsing of model output into content, reasoning and tool calls.
 
-The server renders whole conversations itself (the runtime's own template is switched off with
+The server renders whole conversations itself with the model's chat template
+(rkllm_runtime/chat_templates.py; the runtime's own template is switched off with
 set_chat_template("", "", "")) so that it knows the exact text held in a handle's KV cache.
 """
 
@@ -30,82 +31,6 @@ class Message:
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """Literal (prefix, suffix) strings around each role's turn."""
-
-    name: str
-    bos: str
-    system: tuple[str, str]
-    user: tuple[str, str]
-    assistant: tuple[str, str]
-    tool: tuple[str, str]
-    drop_history_thinking: bool = False  # models trained without earlier turns' reasoning
-
-    def render(self, messages: Sequence[Message], default_system: str = "") -> str:
-        parts = [self.bos]
-        if default_system and not any(m.role == "system" for m in messages):
-            parts.append(self._wrap("system", default_system))
-        for message in messages:
-            text = message.content
-            if message.role == "assistant":
-                if self.drop_history_thinking:
-                    text = drop_thinking(text)
-                text = "\n".join([text, *(_render_tool_call(c) for c in message.tool_calls)]).lstrip("\n")
-            parts.append(self._wrap(message.role, text))
-        parts.append(self.assistant[0])
-        return "".join(parts)
-
-    def _wrap(self, role: Role, text: str) -> str:
-        prefix, suffix = getattr(self, role)
-        return f"{prefix}{text}{suffix}"
-
-
-BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
-    "chatml": ChatTemplate(
-        name="chatml",
-        bos="",
-        system=("<|im_start|>system\n", "<|im_end|>\n"),
-        user=("<|im_start|>user\n", "<|im_end|>\n"),
-        assistant=("<|im_start|>assistant\n", "<|im_end|>\n"),
-        tool=("<|im_start|>user\n<tool_response>\n", "\n</tool_response><|im_end|>\n"),
-    ),
-    "deepseek-r1": ChatTemplate(
-        name="deepseek-r1",
-        bos="<｜begin▁of▁sentence｜>",  # noqa: RUF001
-        system=("", ""),
-        user=("<｜User｜>", ""),  # noqa: RUF001
-        assistant=("<｜Assistant｜>", "<｜end▁of▁sentence｜>"),  # noqa: RUF001
-        tool=("<｜User｜><tool_response>\n", "\n</tool_response>"),  # noqa: RUF001
-        drop_history_thinking=True,
-    ),
-    # Phi-3 (mini/small/medium instruct). No BOS text: like the model's own Hugging Face template,
-    # it leaves <s> to the tokenizer. Phi-3 has no tool role, so results come back in a user turn.
-    "phi3": ChatTemplate(
-        name="phi3",
-        bos="",
-        system=("<|system|>\n", "<|end|>\n"),
-        user=("<|user|>\n", "<|end|>\n"),
-        assistant=("<|assistant|>\n", "<|end|>\n"),
-        tool=("<|user|>\n<tool_response>\n", "\n</tool_response><|end|>\n"),
-    ),
-}
-
-
-def _render_tool_call(call: ToolCall) -> str:
-    try:
-        arguments: object = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError:
-        arguments = call.arguments
-    body = json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_OPEN}\n{body}\n{TOOL_CLOSE}"
-
-
-def drop_thinking(text: str) -> str:
-    head, sep, tail = text.rpartition(THINK_CLOSE)
-    return tail.lstrip() if sep else head + tail
 
 
 def parse_tool_call(block: str, call_id: str) -> ToolCall | None:

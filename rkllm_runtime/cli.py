@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def describe(config: ServerConfig) -> str:
     models = ", ".join(f"{m.name} ({m.template})" for m in config.models) or "none"
-    return f"models: {models}; custom templates: {', '.join(sorted(config.templates)) or 'none'}"
+    return f"models: {models}; chat templates from {config.template_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

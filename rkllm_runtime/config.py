@@ -15,6 +15,8 @@ Format (every key optional unless marked; values shown are the defaults)::
     think = "separate"               # "separate": <think> text goes to reasoning_content / thinking;
                                      # "inline": it stays in the content
     retry_after_max_seconds = 30     # cap of the Retry-After estimate sent with 503
+    template_dir = "<source tree>/templates/chat"  # chat templates (<name>.jinja); the rkllm_server
+                                     # role ships them next to the config (/etc/rkllm-server/templates)
     drain_file = ""                  # while this file exists the node is draining: new requests get
                                      # 503 "draining" (the balancer retries them on another board),
                                      # admitted ones finish, /ready answers 503 "draining" (after
@@ -49,13 +51,18 @@ Format (every key optional unless marked; values shown are the defaults)::
     kind = "quick"                   # "quick" | "reasoning"
     context_length = 4096            # max_context_len given to rkllm_init
     max_new_tokens = 2048            # per-request ceiling (max_tokens / num_predict are capped to it)
-    template = "chatml"              # "chatml" (Qwen) | "deepseek-r1" | "phi3" | a name from [templates]
+    template = "chatml"              # chat template: NAME = the file <template_dir>/NAME.jinja
+                                     # (built in: "chatml" (Qwen), "deepseek-r1", "phi3"), or a path
+                                     # ending in .jinja (absolute, or relative to template_dir)
+    bos_token = ""                   # what the template's bos_token / eos_token stand for (copy them
+    eos_token = ""                   # from the model's tokenizer_config.json when its template uses them)
     system_prompt = ""               # used when a conversation brings no system message
     pinned = false                   # loaded at start, never evicted, checked by /ready
     base_domain_id = -1              # -1 = follow base_domain_policy
     queue_size = 8                   # requests allowed to wait (besides the running one)
     bytes_per_token = 4.0            # prompt-size estimate used to refuse over-long prompts up front
-    kv_cache_reuse = true            # continue a conversation from the KV cache (false: always re-prefill)
+    kv_cache_reuse = true            # continue a conversation from the KV cache (false: always re-prefill);
+                                     # switched off, with a warning, when the template is not prefix-stable
     kv_slots = 1                     # rkllm handles (KV caches) of this model, each holding one
                                      # conversation; each loads the weights again (memory_mb each).
                                      # Still one generation at a time per model.
@@ -67,31 +74,31 @@ Format (every key optional unless marked; values shown are the defaults)::
     repeat_penalty = 1.1
     enabled_cpus_mask = 0xF0
 
-    [templates.my-template]          # optional custom chat templates: a name of letters, digits,
-                                     # ".", "_", "-" that is not a built-in one; each turn is
-                                     # [prefix, suffix], strings used verbatim
-    bos = ""
-    system = ["<|im_start|>system\\n", "<|im_end|>\\n"]
-    user = ["<|im_start|>user\\n", "<|im_end|>\\n"]              # the prefix is required
-    assistant = ["<|im_start|>assistant\\n", "<|im_end|>\\n"]    # the prefix is required
-    tool = ["<|im_start|>user\\n<tool_response>\\n", "\\n</tool_response><|im_end|>\\n"]
-                                     # optional; by default the user turn around
-                                     # "<tool_response>\\n" ... "\\n</tool_response>"
+Chat templates are Hugging Face-style Jinja2 files (rkllm_runtime/chat_templates.py): to add a model
+family, save the `chat_template` string of its tokenizer_config.json as <template_dir>/<name>.jinja.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from rkllm_runtime.chat import BUILTIN_TEMPLATES, ChatTemplate
+from rkllm_runtime.chat_templates import (
+    BUILTIN_TEMPLATE_DIR,
+    TEMPLATE_SUFFIX,
+    ChatTemplate,
+    ChatTemplateError,
+    load_template,
+)
 
 DEFAULT_LIBRARY = "/opt/rkllm/current/lib/librkllmrt.so"
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -125,30 +132,6 @@ class RoutingRules(_Strict):
     reasoning_min_chars: int = Field(default=0, ge=0)
 
 
-class TemplateConfig(_Strict):
-    bos: str = ""
-    system: tuple[str, str]
-    user: tuple[str, str]
-    assistant: tuple[str, str]
-    # Most models have no tool role: by default tool results come back inside a user turn.
-    tool: tuple[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _check_turns(self) -> TemplateConfig:
-        # Without these the model gets no cue whose turn it is and answers for the user.
-        if not self.user[0]:
-            raise ValueError("the user turn needs a prefix (e.g. <|user|>\\n)")
-        if not self.assistant[0]:
-            raise ValueError("the assistant turn needs a prefix: it ends every prompt")
-        return self
-
-    def chat_template(self, name: str) -> ChatTemplate:
-        tool = self.tool or (f"{self.user[0]}<tool_response>\n", f"\n</tool_response>{self.user[1]}")
-        return ChatTemplate(
-            name=name, bos=self.bos, system=self.system, user=self.user, assistant=self.assistant, tool=tool
-        )
-
-
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
@@ -158,6 +141,8 @@ class ModelConfig(_Strict):
     context_length: int = Field(default=4096, gt=0, le=16384)
     max_new_tokens: int = Field(default=2048, gt=0)
     template: str = "chatml"
+    bos_token: str = ""
+    eos_token: str = ""
     system_prompt: str = ""
     pinned: bool = False
     base_domain_id: int = Field(default=-1, ge=-1)
@@ -184,11 +169,23 @@ class ServerConfig(_Strict):
     think: Literal["separate", "inline"] = "separate"
     retry_after_max_seconds: int = Field(default=30, ge=1)
     drain_file: str = ""
+    template_dir: str = str(BUILTIN_TEMPLATE_DIR)
     rknpu: RknpuPaths = RknpuPaths()
     watchdog: WatchdogConfig = WatchdogConfig()
     routing: RoutingRules = RoutingRules()
-    templates: dict[str, TemplateConfig] = Field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
+    # Compiled once when the config is validated, by model name.
+    _chat_templates: dict[str, ChatTemplate] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_template_tables(cls, data: object) -> object:
+        if isinstance(data, dict) and "templates" in data:
+            raise ValueError(
+                "[templates.*] tables are no longer read: save each chat template as "
+                f"<template_dir>/<name>{TEMPLATE_SUFFIX} (a Hugging Face-style Jinja2 chat template)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_references(self) -> ServerConfig:
@@ -198,27 +195,40 @@ class ServerConfig(_Strict):
             raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
         if "auto" in names:
             raise ValueError('"auto" is reserved for routing and cannot name a model')
-        for name in self.templates:
-            if name in BUILTIN_TEMPLATES:
-                raise ValueError(f"templates.{name}: {name!r} is built in; give your template another name")
-            if not _TEMPLATE_NAME.fullmatch(name):
-                raise ValueError(f"templates.{name}: a template name is letters, digits, '.', '_' or '-'")
-        known = set(BUILTIN_TEMPLATES) | set(self.templates)
         for model in self.models:
-            if model.template not in known:
+            path = self.template_path(model)
+            if not path.is_file():
+                known = sorted(p.stem for p in Path(self.template_dir).glob(f"*{TEMPLATE_SUFFIX}"))
                 raise ValueError(
-                    f"model {model.name}: unknown template {model.template!r} (known: {sorted(known)})"
+                    f"model {model.name}: unknown template {model.template!r}: there is no file {path} "
+                    f"(templates in {self.template_dir}: {', '.join(known) or 'none'})"
                 )
+            try:
+                self._chat_templates[model.name] = load_template(
+                    path,
+                    name=model.template,
+                    bos_token=model.bos_token,
+                    eos_token=model.eos_token,
+                )
+            except ChatTemplateError as exc:
+                raise ValueError(f"model {model.name}: {exc}") from exc
         return self
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def template_path(self, model: ModelConfig) -> Path:
+        if model.template.endswith(TEMPLATE_SUFFIX):
+            return Path(self.template_dir) / model.template  # an absolute path stays itself
+        if not _TEMPLATE_NAME.fullmatch(model.template):
+            raise ValueError(
+                f"model {model.name}: template {model.template!r} is neither a name (letters, digits, "
+                f"'.', '_', '-') nor a path ending in {TEMPLATE_SUFFIX}"
+            )
+        return Path(self.template_dir) / f"{model.template}{TEMPLATE_SUFFIX}"
+
     def template_for(self, model: ModelConfig) -> ChatTemplate:
-        custom = self.templates.get(model.template)
-        if custom is None:
-            return BUILTIN_TEMPLATES[model.template]
-        return custom.chat_template(model.template)
+        return self._chat_templates[model.name]
 
     def fixed_domain(self, model: ModelConfig) -> int | None:
         """The model's base_domain_id, or None when it is chosen at load time (first_fit)."""
@@ -233,7 +243,7 @@ class ServerConfig(_Strict):
 
 def parse_config(data: dict[str, object]) -> ServerConfig:
     try:
-        return ServerConfig.model_validate(data)
+        return _without_unstable_reuse(ServerConfig.model_validate(data))
     except ValidationError as exc:
         # Our own checks' messages are complete sentences; pydantic prefixes them with "Value error, ".
         problems = "; ".join(
@@ -241,6 +251,26 @@ def parse_config(data: dict[str, object]) -> ServerConfig:
             for err in exc.errors()
         )
         raise ConfigError(problems) from exc
+
+
+def _without_unstable_reuse(config: ServerConfig) -> ServerConfig:
+    """KV-cache reuse off for models whose template is not prefix-stable: their next turn's render
+    does not start with the cached text, so each turn is a full prefill anyway; keeping reuse on would
+    only hide that. Said once, when it is switched off (a re-parsed config finds it off already)."""
+    models = []
+    for model in config.models:
+        problem = config.template_for(model).prefix_break if model.kv_cache_reuse else None
+        if problem:
+            log.warning(
+                "model %s: chat template %s is not prefix-stable (%s): every turn is prefilled in full, "
+                "no KV-cache reuse",
+                model.name,
+                model.template,
+                problem,
+            )
+            model = model.model_copy(update={"kv_cache_reuse": False})
+        models.append(model)
+    return config.model_copy(update={"models": tuple(models)})
 
 
 def load_config(path: str | Path) -> ServerConfig:

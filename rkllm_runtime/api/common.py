@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.chat import Message, OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
+from rkllm_runtime.chat_templates import ChatTemplateError
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
@@ -285,7 +286,10 @@ def resolve_model(
 
 async def render_prompt(config: ServerConfig, model: ModelConfig, messages: Sequence[Message]) -> str:
     """The conversation as the model's template renders it, on a worker thread (long ones take ms)."""
-    return await asyncio.to_thread(config.template_for(model).render, messages, model.system_prompt)
+    try:
+        return await asyncio.to_thread(config.template_for(model).render, messages, model.system_prompt)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), param="messages", code="unsupported_conversation") from exc
 
 
 SAMPLING_IGNORED_HEADER = "X-Rkllm-Sampling-Ignored"

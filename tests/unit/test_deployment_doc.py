@@ -36,7 +36,7 @@ from unit.deployment_doc import (
     shell_commands,
 )
 
-from rkllm_runtime.chat import BUILTIN_TEMPLATES
+from rkllm_runtime.chat_templates import builtin_templates
 from rkllm_runtime.config import ModelConfig
 
 EXAMPLE_INVENTORY = "inventory/production.example"
@@ -366,7 +366,7 @@ def test_catalog_snippet_entries_are_complete() -> None:
         assert set(required) <= set(entry), entry["name"]
         assert entry["kind"] in {"quick", "reasoning"}
         # Presets name built-in templates; custom ones would need rkllm_server_templates as well.
-        assert entry.get("template", "chatml") in BUILTIN_TEMPLATES, entry["name"]
+        assert entry.get("template", "chatml") in builtin_templates(), entry["name"]
 
 
 def test_server_model_settings_are_server_config_keys() -> None:

@@ -7,13 +7,13 @@ import json
 import pytest
 
 from rkllm_runtime.chat import (
-    BUILTIN_TEMPLATES,
     Message,
     OutputParser,
     StopMatcher,
     ToolCall,
     parse_tool_call,
 )
+from rkllm_runtime.chat_templates import builtin_templates
 
 
 def test_chatml_renders_every_role_and_ends_with_the_assistant_prompt():
@@ -25,7 +25,7 @@ def test_chatml_renders_every_role_and_ends_with_the_assistant_prompt():
         Message("assistant", "It is 18 C."),
         Message("user", "Thanks"),
     ]
-    text = BUILTIN_TEMPLATES["chatml"].render(messages)
+    text = builtin_templates()["chatml"].render(messages)
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nWeather?<|im_end|>\n"
@@ -39,22 +39,22 @@ def test_chatml_renders_every_role_and_ends_with_the_assistant_prompt():
 
 
 def test_default_system_prompt_only_when_the_conversation_has_none():
-    template = BUILTIN_TEMPLATES["chatml"]
+    template = builtin_templates()["chatml"]
     assert template.render([Message("user", "hi")], "Sys").startswith("<|im_start|>system\nSys<|im_end|>")
     own = template.render([Message("system", "Mine"), Message("user", "hi")], "Sys")
     assert "Sys" not in own and "Mine" in own
 
 
-def test_a_conversation_renders_as_a_prefix_of_its_continuation():
+def test_a_conversation_without_reasoning_renders_as_a_prefix_of_its_continuation():
     # KV reuse depends on it: turn n's prompt + the reply must be a prefix of turn n+1's prompt.
-    for template in BUILTIN_TEMPLATES.values():
+    for template in builtin_templates().values():
         first = template.render([Message("user", "a")])
         second = template.render([Message("user", "a"), Message("assistant", "b"), Message("user", "c")])
         assert second.startswith(first + "b")
 
 
 def test_deepseek_drops_earlier_reasoning_from_the_history():
-    text = BUILTIN_TEMPLATES["deepseek-r1"].render(
+    text = builtin_templates()["deepseek-r1"].render(
         [Message("user", "q"), Message("assistant", "<think>secret</think>\n\nanswer"), Message("user", "q2")]
     )
     assert "secret" not in text and "answer" in text and text.endswith("<｜Assistant｜>")  # noqa: RUF001

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rkllm_runtime.chat import Message
 from rkllm_runtime.config import ConfigError, load_config, parse_config, with_overrides
 
 EXAMPLE = """
@@ -35,25 +36,21 @@ queue_size = 2
 [[models]]
 name = "custom"
 path = "/models/c.rkllm"
-template = "mine"
-
-[templates.mine]
-system = ["S:", "\\n"]
-user = ["U:", "\\n"]
-assistant = ["A:", "\\n"]
-tool = ["T:", "\\n"]
+template = "MINE_PATH"
 """
 
 
 def test_the_documented_format_loads(tmp_path):
     path = tmp_path / "server.toml"
-    path.write_text(EXAMPLE)
+    mine = tmp_path / "mine.jinja"
+    mine.write_text("{% for m in messages %}{{ m.role[0] | upper }}:{{ m.content }}\n{% endfor %}A:")
+    path.write_text(EXAMPLE.replace("MINE_PATH", str(mine)))
     config = load_config(path)
     assert config.port == 9000 and config.think == "inline" and config.rknpu.load_path == "/tmp/load"
     qwen, r1, custom = config.models
     assert qwen.pinned and qwen.memory_mb == 1659 and r1.kind == "reasoning" and r1.queue_size == 2
     assert qwen.kv_slots == 2 and r1.kv_slots == 1, "one KV slot unless configured"
-    assert config.template_for(custom).user == ("U:", "\n")
+    assert config.template_for(custom).render([Message("user", "hi")], "sys") == "S:sys\nU:hi\nA:"
     assert config.routing.reasoning_keywords == ("why",)
 
 

@@ -1,8 +1,9 @@
-"""Chat templates from the catalog to the prompt: the built-in phi3, custom templates rendered by the
-rkllm_server role into the server config, and the server's own check of that config."""
+"""Chat templates from the catalog to the prompt: the built-in phi3, template files shipped by the
+rkllm_server role next to the server config, and the server's own check of that config."""
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 import tomllib
@@ -16,17 +17,22 @@ from balancer_harness import REPO, local_host, run_role_tasks
 from server_harness import serve
 from test_engine import expected_reply
 
-from rkllm_runtime.chat import BUILTIN_TEMPLATES, Message
-from rkllm_runtime.config import ConfigError, load_config, parse_config
+from rkllm_runtime.chat import Message
+from rkllm_runtime.chat_templates import builtin_templates
+from rkllm_runtime.config import load_config, parse_config
 
 PHI3 = "Phi-3-mini-4k-instruct"
-LLAMA3 = {
-    "bos": "<|begin_of_text|>",
-    "system": ["<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"],
-    "user": ["<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"],
-    "assistant": ["<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"],
-}
-GOOD_TURNS = {"system": ["S:", "\n"], "user": ["U:", "\n"], "assistant": ["A:", "\n"]}
+# A Llama 3-style chat template, as an operator would drop it in.
+LLAMA3 = """\
+{{- bos_token }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}
+    {{- message.content + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
 
 
 def phi3_preset() -> dict[str, Any]:
@@ -35,7 +41,7 @@ def phi3_preset() -> dict[str, Any]:
 
 
 def test_phi3_renders_every_role_in_phi3_format():
-    text = BUILTIN_TEMPLATES["phi3"].render(
+    text = builtin_templates()["phi3"].render(
         [
             Message("system", "Be brief."),
             Message("user", "Weather?"),
@@ -57,32 +63,10 @@ def test_phi3_renders_every_role_in_phi3_format():
 def test_the_phi3_conversion_preset_names_a_template_the_server_knows():
     template = phi3_preset()["template"]
     config = parse_config({"models": [{"name": PHI3, "path": "/m.rkllm", "template": template}]})
-    assert config.template_for(config.models[0]) is BUILTIN_TEMPLATES["phi3"]
-
-
-def test_a_custom_template_without_a_tool_turn_returns_tool_results_in_a_user_turn():
-    config = parse_config(
-        {"templates": {"mine": GOOD_TURNS}, "models": [{"name": "m", "path": "/m", "template": "mine"}]}
+    conversation = [Message("system", "S"), Message("user", "U")]
+    assert config.template_for(config.models[0]).render(conversation) == builtin_templates()["phi3"].render(
+        conversation
     )
-    rendered = config.template_for(config.models[0]).render([Message("tool", "42")])
-    assert rendered == "U:<tool_response>\n42\n</tool_response>\nA:"
-
-
-@pytest.mark.parametrize(
-    ("templates", "complaint"),
-    [
-        ({"phi3": GOOD_TURNS}, "'phi3' is built in"),
-        ({"my template": GOOD_TURNS}, "letters, digits"),
-        ({"t": {**GOOD_TURNS, "assistant": ["", "\n"]}}, "^templates.t: the assistant turn needs a prefix"),
-        ({"t": {**GOOD_TURNS, "user": ["", "\n"]}}, "^templates.t: the user turn needs a prefix"),
-        ({"t": {"system": ["S:", "\n"], "user": ["U:", "\n"]}}, r"templates\.t\.assistant: Field required"),
-        ({"t": {**GOOD_TURNS, "user": ["U:"]}}, r"templates\.t\.user"),
-        ({"t": {**GOOD_TURNS, "eos": "x"}}, r"templates\.t\.eos"),
-    ],
-)
-def test_bad_custom_templates_are_refused_naming_the_template(templates, complaint):
-    with pytest.raises(ConfigError, match=complaint):
-        parse_config({"templates": templates})
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
@@ -104,9 +88,10 @@ def test_the_check_flag_validates_without_loading_a_library(tmp_path):
     accepted = check(good)
     assert accepted.returncode == 0 and "p (phi3)" in accepted.stdout, accepted.stderr
     bad = tmp_path / "bad.toml"
-    bad.write_text('[templates.chatml]\nsystem = ["", ""]\nuser = ["U", ""]\nassistant = ["A", ""]\n')
+    bad.write_text('[[models]]\nname = "p"\npath = "/p.rkllm"\ntemplate = "phi-3"\n')
     refused = check(bad)
-    assert refused.returncode == 2 and "'chatml' is built in" in refused.stderr
+    assert refused.returncode == 2 and "unknown template 'phi-3'" in refused.stderr, refused.stderr
+    assert "chatml, deepseek-r1, phi3" in refused.stderr, "the error names the templates there are"
     assert "Traceback" not in refused.stderr
 
 
@@ -122,6 +107,7 @@ def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_var
         **local_host(),
         "rkllm_server_home": str(home),
         "rkllm_server_config_path": str(config),
+        "rkllm_server_template_dir": str(workdir / "templates"),
         "rkllm_server_group": "root",
         "rkllm_server_models": models,
         **role_vars,
@@ -133,8 +119,15 @@ def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_var
 
 def installed_entry(name: str, path: Path, catalog: dict[str, Any]) -> dict[str, Any]:
     """What the rkllm_models role hands the server role for an installed catalog entry."""
-    return {"name": name, "path": str(path), "memory_mb": catalog["memory_mb"], "kind": catalog["kind"],
-            "context_length": 4096, "sha256": "ab" * 32, "template": catalog["template"]}
+    return {
+        "name": name,
+        "path": str(path),
+        "memory_mb": catalog["memory_mb"],
+        "kind": catalog["kind"],
+        "context_length": 4096,
+        "sha256": "ab" * 32,
+        "template": catalog["template"],
+    }
 
 
 def test_a_converted_phi3_model_is_served_with_the_phi3_prompt(
@@ -149,40 +142,76 @@ def test_a_converted_phi3_model_is_served_with_the_phi3_prompt(
     config = load_config(config_path)
     assert config.models[0].template == "phi3"
     data = tomllib.loads(config_path.read_text())
-    with serve(double_library_path, data["models"]) as server:
+    with serve(double_library_path, data["models"], template_dir=data["template_dir"]) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         answer = client.chat.completions.create(model=PHI3, messages=messages)
     # The double's reply is a function of the exact input text: this is the prompt rkllm_run received.
     prompt = "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
     assert answer.choices[0].message.content == expected_reply(prompt, 6)
-    chatml = BUILTIN_TEMPLATES["chatml"].render([Message("system", "Be brief."), Message("user", "Hi")])
+    chatml = builtin_templates()["chatml"].render([Message("system", "Be brief."), Message("user", "Hi")])
     assert expected_reply(chatml, 6) != expected_reply(prompt, 6), "the check tells the templates apart"
 
 
-def test_the_role_renders_custom_templates_the_server_uses(tmp_path, make_model):
-    model_file = make_model("llama")
-    templates = {"llama3": LLAMA3, "odd.strings_1": {**GOOD_TURNS, "user": ['🙂 "quoted" \\ ', "\t\n"]}}
-    config_path = render_server_config(
-        tmp_path / "render",
-        [{"name": "Llama-3.2-1B", "path": str(model_file), "kind": "quick", "template": "llama3"}],
-        rkllm_server_templates=templates,
-    )
+def test_the_role_ships_template_files_the_server_config_names(tmp_path, make_model):
+    own = tmp_path / "own-templates"
+    own.mkdir()
+    (own / "llama3.jinja").write_text(LLAMA3)
+    workdir = tmp_path / "render"
+    model = {"name": "Llama-3.2-1B", "path": str(make_model("llama")), "kind": "quick", "template": "llama3"}
+    dirs = [str(REPO / "templates/chat"), f"{own}/"]
+    settings = {"Llama-3.2-1B": {"bos_token": "<|begin_of_text|>"}}
+    role_vars = {"rkllm_server_chat_template_dirs": dirs, "rkllm_server_model_settings": settings}
+    config_path = render_server_config(workdir, [model], **role_vars)
+    shipped = workdir / "templates"
+    names = sorted(p.name for p in shipped.iterdir())
+    assert names == ["chatml.jinja", "deepseek-r1.jinja", "llama3.jinja", "phi3.jinja"]
+    for path in shipped.iterdir():
+        info = path.stat()
+        assert info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o644, path
+        source = own if path.name == "llama3.jinja" else REPO / "templates/chat"
+        assert path.read_bytes() == (source / path.name).read_bytes()
+    assert tomllib.loads(config_path.read_text())["template_dir"] == str(shipped)
     config = load_config(config_path)
     assert config.template_for(config.models[0]).render([Message("user", "Hi")]) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    odd = config.templates["odd.strings_1"]
-    assert odd.user == ('🙂 "quoted" \\ ', "\t\n"), "strings survive TOML verbatim"
+
+    installed, shipped_at = config_path.read_text(), (shipped / "llama3.jinja").stat().st_mtime_ns
+    render_server_config(workdir, [model], **role_vars)
+    assert config_path.read_text() == installed, "a second run changes nothing"
+    assert (shipped / "llama3.jinja").stat().st_mtime_ns == shipped_at
+
+    # A changed template changes the config (its digest): the server checks it and restarts.
+    (own / "llama3.jinja").write_text(LLAMA3.replace("'<|eot_id|>'", "'<|eot_id|>!'"))
+    render_server_config(workdir, [model], **role_vars)
+    assert config_path.read_text() != installed
+    changed = load_config(config_path)
+    assert changed.template_for(changed.models[0]).render([Message("user", "Hi")]).count("<|eot_id|>!") == 1
 
 
-def test_the_role_refuses_a_bad_template_and_keeps_the_installed_config(tmp_path, make_model):
+def test_the_role_refuses_a_broken_template_and_keeps_the_installed_config(tmp_path, make_model):
+    own = tmp_path / "own-templates"
+    own.mkdir()
+    (own / "mine.jinja").write_text(LLAMA3)
     workdir = tmp_path / "render"
     model = {"name": "m", "path": str(make_model("m")), "kind": "quick", "template": "mine"}
-    config_path = render_server_config(workdir, [model], rkllm_server_templates={"mine": GOOD_TURNS})
+    dirs = [str(own)]
+    config_path = render_server_config(workdir, [model], rkllm_server_chat_template_dirs=dirs)
     installed = config_path.read_text()
-    broken = {"mine": {**GOOD_TURNS, "assistant": ["", "\n"]}}
-    with pytest.raises(RuntimeError, match="assistant turn needs a prefix"):
-        render_server_config(workdir, [model], rkllm_server_templates=broken)
+    (own / "mine.jinja").write_text("{%- for message in messages %}\n{{ message.content }}\n")
+    with pytest.raises(RuntimeError, match=r"model m: chat template mine: line \d+: Unexpected end"):
+        render_server_config(workdir, [model], rkllm_server_chat_template_dirs=dirs)
     assert config_path.read_text() == installed
+
+
+def test_the_role_refuses_two_templates_of_the_same_name(tmp_path, make_model):
+    own = tmp_path / "own-templates"
+    own.mkdir()
+    (own / "chatml.jinja").write_text(LLAMA3)
+    model = {"name": "m", "path": str(make_model("m")), "kind": "quick"}
+    dirs = [str(REPO / "templates/chat"), str(own)]
+    with pytest.raises(RuntimeError, match="two chat templates have the same file name"):
+        render_server_config(tmp_path / "render", [model], rkllm_server_chat_template_dirs=dirs)
+    assert not (tmp_path / "render/config.toml").exists()
