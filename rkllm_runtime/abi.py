@@ -5,6 +5,10 @@ sizes and offsets against a C program compiled from tests/fakelib/rkllm.h and ag
 layout measured on x86_64 and aarch64 (both LP64, so ctypes computes the same layout on either).
 The 1.1.4 → 1.2.x break (n_keep, role/enable_thinking, keep_history, perf, int-returning callback)
 is exactly what other bindings got wrong, hence one table of prototypes applied in one place.
+
+ctypes creates field attributes from `_fields_` at class creation, invisible to a type checker; the
+`if TYPE_CHECKING:` block in each struct declares the Python type a field reads as, so that every
+access to a field is checked. The layout still comes from `_fields_` alone.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ctypes import (
     c_void_p,
 )
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # C enums are int-sized on every ABI the runtime ships for.
 c_enum = c_int
@@ -59,6 +63,15 @@ class RKLLMInferMode(IntEnum):
 
 
 class RKLLMExtendParam(Structure):
+    if TYPE_CHECKING:
+        base_domain_id: int
+        embed_flash: int
+        enabled_cpus_num: int
+        enabled_cpus_mask: int
+        n_batch: int
+        use_cross_attn: int
+        reserved: ctypes.Array[c_uint8]
+
     _fields_ = (
         ("base_domain_id", c_int32),
         ("embed_flash", c_int8),
@@ -71,6 +84,27 @@ class RKLLMExtendParam(Structure):
 
 
 class RKLLMParam(Structure):
+    if TYPE_CHECKING:
+        model_path: bytes | None
+        max_context_len: int
+        max_new_tokens: int
+        top_k: int
+        n_keep: int
+        top_p: float
+        temperature: float
+        repeat_penalty: float
+        frequency_penalty: float
+        presence_penalty: float
+        mirostat: int
+        mirostat_tau: float
+        mirostat_eta: float
+        skip_special_token: bool
+        is_async: bool
+        img_start: bytes | None
+        img_end: bytes | None
+        img_content: bytes | None
+        extend_param: RKLLMExtendParam
+
     _fields_ = (
         ("model_path", c_char_p),
         ("max_context_len", c_int32),
@@ -95,6 +129,11 @@ class RKLLMParam(Structure):
 
 
 class RKLLMLoraAdapter(Structure):
+    if TYPE_CHECKING:
+        lora_adapter_path: bytes | None
+        lora_adapter_name: bytes | None
+        scale: float
+
     _fields_ = (
         ("lora_adapter_path", c_char_p),
         ("lora_adapter_name", c_char_p),
@@ -103,6 +142,10 @@ class RKLLMLoraAdapter(Structure):
 
 
 class RKLLMEmbedInput(Structure):
+    if TYPE_CHECKING:
+        embed: ctypes._Pointer[c_float]
+        n_tokens: int
+
     _fields_ = (
         ("embed", POINTER(c_float)),
         ("n_tokens", c_size_t),
@@ -110,6 +153,10 @@ class RKLLMEmbedInput(Structure):
 
 
 class RKLLMTokenInput(Structure):
+    if TYPE_CHECKING:
+        input_ids: ctypes._Pointer[c_int32]
+        n_tokens: int
+
     _fields_ = (
         ("input_ids", POINTER(c_int32)),
         ("n_tokens", c_size_t),
@@ -117,6 +164,14 @@ class RKLLMTokenInput(Structure):
 
 
 class RKLLMMultiModalInput(Structure):
+    if TYPE_CHECKING:
+        prompt: bytes | None
+        image_embed: ctypes._Pointer[c_float]
+        n_image_tokens: int
+        n_image: int
+        image_width: int
+        image_height: int
+
     _fields_ = (
         ("prompt", c_char_p),
         ("image_embed", POINTER(c_float)),
@@ -130,6 +185,12 @@ class RKLLMMultiModalInput(Structure):
 class RKLLMInputUnion(Union):
     """The header's anonymous union; RKLLMInput exposes its members directly."""
 
+    if TYPE_CHECKING:
+        prompt_input: bytes | None
+        embed_input: RKLLMEmbedInput
+        token_input: RKLLMTokenInput
+        multimodal_input: RKLLMMultiModalInput
+
     _fields_ = (
         ("prompt_input", c_char_p),
         ("embed_input", RKLLMEmbedInput),
@@ -139,6 +200,17 @@ class RKLLMInputUnion(Union):
 
 
 class RKLLMInput(Structure):
+    if TYPE_CHECKING:
+        role: bytes | None
+        enable_thinking: bool
+        input_type: int
+        _input: RKLLMInputUnion
+        # _anonymous_ lifts the union's members onto the struct itself.
+        prompt_input: bytes | None
+        embed_input: RKLLMEmbedInput
+        token_input: RKLLMTokenInput
+        multimodal_input: RKLLMMultiModalInput
+
     _anonymous_ = ("_input",)
     _fields_ = (
         ("role", c_char_p),
@@ -149,10 +221,17 @@ class RKLLMInput(Structure):
 
 
 class RKLLMLoraParam(Structure):
+    if TYPE_CHECKING:
+        lora_adapter_name: bytes | None
+
     _fields_ = (("lora_adapter_name", c_char_p),)
 
 
 class RKLLMPromptCacheParam(Structure):
+    if TYPE_CHECKING:
+        save_prompt_cache: int
+        prompt_cache_path: bytes | None
+
     _fields_ = (
         ("save_prompt_cache", c_int),
         ("prompt_cache_path", c_char_p),
@@ -160,6 +239,13 @@ class RKLLMPromptCacheParam(Structure):
 
 
 class RKLLMCrossAttnParam(Structure):
+    if TYPE_CHECKING:
+        encoder_k_cache: ctypes._Pointer[c_float]
+        encoder_v_cache: ctypes._Pointer[c_float]
+        encoder_mask: ctypes._Pointer[c_float]
+        encoder_pos: ctypes._Pointer[c_int32]
+        num_tokens: int
+
     _fields_ = (
         ("encoder_k_cache", POINTER(c_float)),
         ("encoder_v_cache", POINTER(c_float)),
@@ -170,6 +256,12 @@ class RKLLMCrossAttnParam(Structure):
 
 
 class RKLLMInferParam(Structure):
+    if TYPE_CHECKING:
+        mode: int
+        lora_params: ctypes._Pointer[RKLLMLoraParam]
+        prompt_cache_params: ctypes._Pointer[RKLLMPromptCacheParam]
+        keep_history: int
+
     _fields_ = (
         ("mode", c_enum),
         ("lora_params", POINTER(RKLLMLoraParam)),
@@ -179,6 +271,11 @@ class RKLLMInferParam(Structure):
 
 
 class RKLLMResultLastHiddenLayer(Structure):
+    if TYPE_CHECKING:
+        hidden_states: ctypes._Pointer[c_float]
+        embd_size: int
+        num_tokens: int
+
     _fields_ = (
         ("hidden_states", POINTER(c_float)),
         ("embd_size", c_int),
@@ -187,6 +284,11 @@ class RKLLMResultLastHiddenLayer(Structure):
 
 
 class RKLLMResultLogits(Structure):
+    if TYPE_CHECKING:
+        logits: ctypes._Pointer[c_float]
+        vocab_size: int
+        num_tokens: int
+
     _fields_ = (
         ("logits", POINTER(c_float)),
         ("vocab_size", c_int),
@@ -195,6 +297,13 @@ class RKLLMResultLogits(Structure):
 
 
 class RKLLMPerfStat(Structure):
+    if TYPE_CHECKING:
+        prefill_time_ms: float
+        prefill_tokens: int
+        generate_time_ms: float
+        generate_tokens: int
+        memory_usage_mb: float
+
     _fields_ = (
         ("prefill_time_ms", c_float),
         ("prefill_tokens", c_int),
@@ -205,6 +314,13 @@ class RKLLMPerfStat(Structure):
 
 
 class RKLLMResult(Structure):
+    if TYPE_CHECKING:
+        text: bytes | None
+        token_id: int
+        last_hidden_layer: RKLLMResultLastHiddenLayer
+        logits: RKLLMResultLogits
+        perf: RKLLMPerfStat
+
     _fields_ = (
         ("text", c_char_p),
         ("token_id", c_int32),
@@ -274,10 +390,14 @@ def field_layout(struct: type[ctypes.Structure]) -> dict[str, tuple[int, int]]:
     """name -> (offset, size) for every field, with the anonymous union's members flattened."""
     layout: dict[str, tuple[int, int]] = {}
     anonymous = set(getattr(struct, "_anonymous_", ()))
-    for name, ctype in struct._fields_:
+    for field in struct._fields_:
+        name, ctype = field[0], field[1]
         descriptor = getattr(struct, name)
         if name in anonymous:
-            for member, member_type in ctype._fields_:
+            # ctypes refuses an _anonymous_ field that is not a struct or union: never fails.
+            assert issubclass(ctype, (Structure, Union))
+            for member_field in ctype._fields_:
+                member, member_type = member_field[0], member_field[1]
                 inner = getattr(ctype, member)
                 layout[member] = (descriptor.offset + inner.offset, ctypes.sizeof(member_type))
         else:

@@ -7,9 +7,14 @@ import os
 import resource
 from ctypes import POINTER, byref, c_int
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rkllm_runtime import abi
 from rkllm_runtime.errors import LibraryError
+
+if TYPE_CHECKING:
+    # The class of CFUNCTYPE's results (abi.LLMResultCallback); typeshed names it only for checkers.
+    from ctypes import _CFunctionType
 
 DEFAULT_LIBRARY_PATH = "/opt/rkllm/current/lib/librkllmrt.so"
 LIBRARY_ENV_VAR = "RKLLM_LIB"
@@ -76,7 +81,7 @@ class RkllmLibrary:
         param: abi.RKLLMParam = self._cdll.rkllm_createDefaultParam()
         return param
 
-    def init(self, param: abi.RKLLMParam, callback: ctypes._CFuncPtr) -> tuple[int, int | None]:
+    def init(self, param: abi.RKLLMParam, callback: _CFunctionType) -> tuple[int, int | None]:
         """Returns (status, handle)."""
         handle = abi.LLMHandle()
         status: int = self._cdll.rkllm_init(byref(handle), byref(param), callback)

@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -20,7 +20,15 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.chat import Message, OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
+from rkllm_runtime.chat import (
+    Channel,
+    Message,
+    OutputParser,
+    StopMatcher,
+    ToolCall,
+    parse_tool_call,
+    tools_json,
+)
 from rkllm_runtime.chat_templates import ChatTemplateError
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, TokenEvent
@@ -389,10 +397,10 @@ class Generation:
     cached_tokens: int
     load_seconds: float
     prompt_estimate: int
-    events: AsyncIterator[Started | TokenEvent | FinishEvent]
+    events: AsyncGenerator[Started | TokenEvent | FinishEvent, None]
 
     async def aclose(self) -> None:
-        await self.events.aclose()  # type: ignore[attr-defined]
+        await self.events.aclose()
 
 
 async def start_generation(request: Request, model: ModelConfig, job: Job) -> Generation:
@@ -459,7 +467,7 @@ class OutputAssembler:
     def close(self) -> Delta:
         return self._delta(self._parser.feed(self._stop.close()) + self._parser.close())
 
-    def _delta(self, pieces: list[tuple[str, str]]) -> Delta:
+    def _delta(self, pieces: list[tuple[Channel, str]]) -> Delta:
         delta = Delta()
         for channel, text in pieces:
             if channel == "reasoning":
@@ -476,7 +484,9 @@ class OutputAssembler:
         return delta
 
 
-async def run_generation(generation: Generation, output: OutputAssembler) -> AsyncIterator[Delta | Outcome]:
+async def run_generation(
+    generation: Generation, output: OutputAssembler
+) -> AsyncGenerator[Delta | Outcome, None]:
     """Deltas as tokens arrive, then one Outcome; a stop sequence aborts the run at once."""
     tokens = 0
     finish: FinishEvent | None = None
@@ -551,7 +561,7 @@ class GuardedStream(StreamingResponse):
 
     def __init__(
         self,
-        content: AsyncIterator[bytes],
+        content: AsyncGenerator[bytes, None],
         generation: Generation,
         media_type: str,
         headers: Mapping[str, str] | None = None,
@@ -591,7 +601,7 @@ class GuardedStream(StreamingResponse):
         finally:
             if self._producer is not None:
                 await _cancel_and_wait(self._producer)
-            await self._source.aclose()  # type: ignore[attr-defined]
+            await self._source.aclose()
             await self._generation.aclose()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from importlib import metadata
@@ -413,7 +413,7 @@ def _final(
 
 async def _ndjson(
     generation: Generation, output: OutputAssembler, job: Job, chat: bool
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     try:
         async with aclosing(run_generation(generation, output)) as items:
             async for item in items:

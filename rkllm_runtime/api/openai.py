@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -428,7 +428,7 @@ async def _sse(
     completion_id: str,
     created: int,
     include_usage: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     head = (
         f'{{"id":"{completion_id}","object":"{shape.chunk_object}","created":{created},'
         f'"model":{dumps(generation.model)},"choices":['

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -456,7 +456,7 @@ def _sse(event: dict[str, Any]) -> bytes:
 
 async def _stream(
     generation: Generation, output: OutputAssembler, items: OutputItems, echo: _Echo
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     yield _sse(items.event("response.created", response=echo.response("in_progress", [])))
     yield _sse(items.event("response.in_progress", response=echo.response("in_progress", [])))
     try:

@@ -63,7 +63,7 @@ class Result:
 
 def driver_older_than_recommended(driver: str | None) -> bool:
     match = _VERSION.search(driver or "")
-    return bool(match) and tuple(int(part) for part in match.groups()) < RECOMMENDED_DRIVER
+    return match is not None and tuple(int(part) for part in match.groups()) < RECOMMENDED_DRIVER
 
 
 def likely_causes(driver: str | None) -> tuple[str, ...]:

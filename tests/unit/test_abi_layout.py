@@ -7,7 +7,10 @@ static aarch64 program built from our header and run under qemu-aarch64-static.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import ctypes
+import functools
 import re
 import subprocess
 from enum import IntEnum
@@ -167,3 +170,54 @@ def test_double_layout_probe_agrees_with_ctypes(double_build: Path, arch: str) -
     command = [str(probe)] if arch == "host" else ["qemu-aarch64-static", str(probe)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     assert_same_layout(parse_layout(output), ctypes_layout())
+
+
+def python_type_of(ctype: type) -> object:
+    """What ctypes hands back when a field of this C type is read (the type checker's view)."""
+    if issubclass(ctype, (ctypes._Pointer, ctypes.Array)):
+        return (ctypes._Pointer if issubclass(ctype, ctypes._Pointer) else ctypes.Array, ctype._type_)
+    if issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+        return ctype
+    if ctype is ctypes.c_char_p:
+        return frozenset({bytes, None})
+    if ctype is ctypes.c_bool:
+        return bool
+    if ctype in (ctypes.c_float, ctypes.c_double):
+        return float
+    assert isinstance(ctype(0).value, int), ctype
+    return int
+
+
+def resolve_annotation(node: ast.expr) -> object:
+    """The same shape as python_type_of, from an annotation written in abi.py."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left, right = resolve_annotation(node.left), resolve_annotation(node.right)
+        return frozenset({left, right})
+    if isinstance(node, ast.Subscript):
+        return (resolve_annotation(node.value), resolve_annotation(node.slice))
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    head, *attributes = ast.unparse(node).split(".")  # a name or dotted name, as abi.py sees it
+    return functools.reduce(getattr, attributes, {**vars(builtins), **vars(abi)}[head])
+
+
+def declared_field_types(class_name: str) -> dict[str, object]:
+    tree = ast.parse(Path(abi.__file__).read_text())
+    [class_node] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    [block] = [n for n in class_node.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    return {
+        n.target.id: resolve_annotation(n.annotation)
+        for n in block.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+
+
+@pytest.mark.parametrize("struct", [*abi.STRUCTS, abi.RKLLMInputUnion], ids=lambda struct: struct.__name__)
+def test_type_checking_annotations_match_the_field_list(struct: type[ctypes.Structure]) -> None:
+    expected: dict[str, object] = {}
+    anonymous = set(getattr(struct, "_anonymous_", ()))
+    for name, ctype in struct._fields_:
+        expected[name] = python_type_of(ctype)
+        if name in anonymous:
+            expected.update({member: python_type_of(member_type) for member, member_type in ctype._fields_})
+    assert declared_field_types(struct.__name__) == expected
