@@ -181,6 +181,8 @@ class BoardModel:
     tokens_per_second: float = 50.0
     reply_tokens: int = 100
     queue_size: int = 0
+    prefill_ms_per_token: float = 0.0
+    kv_slots: int | None = None  # the server's default when None
 
 
 def _board_config(workdir: Path, library: Path, port: int, models: Sequence[BoardModel]) -> Path:
@@ -191,12 +193,15 @@ def _board_config(workdir: Path, library: Path, port: int, models: Sequence[Boar
             "format = rkllm-double/1\n"
             f"name = {model.name}\ntoolkit_version = 1.2.3\ntarget_platform = rk3588\n"
             "max_context = 4096\nmemory_mb = 256\n"
-            f"decode_tokens_per_second = {model.tokens_per_second}\nprefill_ms_per_token = 0\n"
+            f"decode_tokens_per_second = {model.tokens_per_second}\n"
+            f"prefill_ms_per_token = {model.prefill_ms_per_token}\n"
             f"reply_tokens = {model.reply_tokens}\n"
             "vocab = Hello|,| world| NPU| fleet| token| board| rock| chip\n"
         )
         lines += ["[[models]]", f'name = "{model.name}"', f'path = "{model_file}"',
                   f"queue_size = {model.queue_size}", "pinned = true"]
+        if model.kv_slots is not None:
+            lines.append(f"kv_slots = {model.kv_slots}")
     config = workdir / "server.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
