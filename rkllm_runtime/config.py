@@ -45,6 +45,9 @@ Format (every key optional unless marked; values shown are the defaults)::
     queue_size = 8                   # requests allowed to wait (besides the running one)
     bytes_per_token = 4.0            # prompt-size estimate used to refuse over-long prompts up front
     kv_cache_reuse = true            # continue a conversation from the KV cache (false: always re-prefill)
+    kv_slots = 1                     # rkllm handles (KV caches) of this model, each holding one
+                                     # conversation; each loads the weights again (memory_mb each).
+                                     # Still one generation at a time per model.
     temperature = 0.8                # sampling is fixed at rkllm_init (see rkllm_runtime/api/openai.py)
     top_p = 0.9
     top_k = 1
@@ -137,6 +140,7 @@ class ModelConfig(_Strict):
     queue_size: int = Field(default=8, ge=0)
     bytes_per_token: float = Field(default=4.0, gt=0)
     kv_cache_reuse: bool = True
+    kv_slots: int = Field(default=1, ge=1)
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.9, ge=0, le=1)
     top_k: int = Field(default=1, ge=0, le=1000)

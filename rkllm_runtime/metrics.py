@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
+from typing import Literal, get_args
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -21,6 +23,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rkllm_runtime.config import ServerConfig
+
+# What a model's KV slot is doing: no conversation, one conversation's cache, or generating.
+SlotState = Literal["empty", "holding", "running"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -111,6 +116,24 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("rkllm_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
+        self.prompt_tokens_cached = Counter(
+            "rkllm_prompt_tokens_cached",
+            "Prompt tokens served from a KV slot's cache instead of being prefilled",
+            ["model"],
+            registry=r,
+        )
+        self.kv_slot_evictions = Counter(
+            "rkllm_kv_slot_evictions",
+            "KV slots cleared to serve another conversation than the one they held",
+            ["model"],
+            registry=r,
+        )
+        self.kv_slot_state = Gauge(
+            "rkllm_kv_slot_state",
+            "1 for the state each KV slot of a loaded model is in (empty, holding a conversation, running)",
+            ["model", "slot", "state"],
+            registry=r,
+        )
         self.generation_tokens = Counter("rkllm_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.time_to_first_token = Histogram(
             "rkllm_time_to_first_token_seconds",
@@ -152,7 +175,8 @@ class Metrics:
         )
         self.model_memory = Gauge(
             "rkllm_model_memory_bytes",
-            "Memory of the model's handle as the runtime's perf stats last reported it; 0 once unloaded",
+            "Memory of the model's handles (one per KV slot) as the runtime's perf stats last reported it; "
+            "0 once unloaded",
             ["model"],
             registry=r,
         )
@@ -165,8 +189,20 @@ class Metrics:
         for model in config.models:
             self.running.labels(model.name).set(0)
             self.waiting.labels(model.name).set(0)
+            self.prompt_tokens_cached.labels(model.name)
+            self.kv_slot_evictions.labels(model.name)
             for reason in ("queue_full", "model_unavailable", "run_error"):
                 self.rejected.labels(model.name, reason)
+
+    def set_slot_state(self, model: str, slot: int, state: SlotState | None) -> None:
+        """1 on the slot's current state and 0 on the others; None (its handle is gone) drops the series."""
+        for name in get_args(SlotState):
+            labels = (model, str(slot), name)
+            if state is not None:
+                self.kv_slot_state.labels(*labels).set(1 if name == state else 0)
+            else:
+                with suppress(KeyError):
+                    self.kv_slot_state.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

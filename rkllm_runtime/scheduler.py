@@ -1,9 +1,12 @@
 """Per-model bounded FIFO queues in front of the handles, and conversation KV-cache reuse.
 
 A request first gets a Ticket (synchronously: a full queue is refused before any work is done),
-then waits for its turn; while it holds the turn it alone uses the model's handle. Every run keeps
-its history in the KV cache and the text in the cache is tracked exactly, so a request whose
-rendered conversation starts with that text only sends the new suffix.
+then waits for its turn; while it holds the turn it alone uses one of the model's KV slots (one
+rkllm handle each), so the NPU still runs one generation at a time per model. Every run keeps its
+history in the slot's KV cache and the text in the cache is tracked exactly, so a request whose
+rendered conversation starts with that text only sends the new suffix. A request goes to the slot
+holding the longest prefix of its conversation, else to an empty slot, else to the least recently
+used one, whose conversation is then evicted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.engine import FinishEvent, GenerationRequest, TokenEvent
 from rkllm_runtime.errors import RkllmError, RunError
 from rkllm_runtime.metrics import Metrics
-from rkllm_runtime.registry import EngineFactory, LoadedModel, ModelRegistry
+from rkllm_runtime.registry import EngineFactory, KvSlot, LoadedModel, ModelRegistry
 
 PROBE_PROMPT = "ping"
 # A drain usually ends with a restart that takes a few seconds.
@@ -96,10 +99,26 @@ class RunPlan:
     max_tokens: int
 
 
-def plan_run(model: LoadedModel, job: Job, kv_tokens: int) -> RunPlan:
+def continues(slot: KvSlot, job: Job) -> bool:
+    """The slot's cache holds the start of this job's conversation (under the same tools)."""
+    return bool(slot.kv_text) and slot.tools_json == job.tools_json and job.prompt.startswith(slot.kv_text)
+
+
+def choose_slot(model: LoadedModel, job: Job) -> KvSlot:
+    """The slot holding the longest prefix of the job's prompt, else an empty one, else the least
+    recently used one."""
+    if model.config.kv_cache_reuse:
+        holders = [slot for slot in model.slots if continues(slot, job)]
+        if holders:
+            return max(holders, key=lambda slot: len(slot.kv_text))
+    empty = [slot for slot in model.slots if not slot.kv_text]
+    return min(empty or model.slots, key=lambda slot: slot.last_used)
+
+
+def plan_run(model: LoadedModel, slot: KvSlot, job: Job, kv_tokens: int) -> RunPlan:
     config = model.config
     wanted = min(job.max_tokens or config.max_new_tokens, config.max_new_tokens)
-    cached = model.kv_text
+    cached = slot.kv_text
     reusable = config.kv_cache_reuse and cached and job.prompt.startswith(cached)
     if reusable and len(job.prompt) > len(cached):
         suffix = job.prompt[len(cached) :]
@@ -249,49 +268,67 @@ class Scheduler:
         self, ticket: Ticket, model_name: str, job: Job
     ) -> AsyncIterator[Started | TokenEvent | FinishEvent]:
         """Wait for the turn, load the model, run; the turn is released when this generator ends."""
+        slot: KvSlot | None = None
         try:
             queue_seconds = await ticket.wait()
             self.metrics.queue_time.labels(model_name).observe(queue_seconds)
             was_loaded = self.registry.get(model_name) is not None
             model = await self.registry.ensure(model_name)
+            slot = choose_slot(model, job)
+            self._occupy(model_name, slot)
             try:
-                if model.poisoned:
-                    raise RkllmError(f"handle of {model_name} failed earlier")
-                plan = self._prepare(model, job)
+                if slot.poisoned:
+                    raise RkllmError(f"handle {slot.index} of {model_name} failed earlier")
+                plan = self._prepare(model, slot, job)
             except RkllmError:
                 # Nothing was generated yet: a fresh handle can still serve this request.
-                model = await self.registry.reload(model_name)
+                slot = await self.registry.reload_slot(model_name, slot.index)
+                self._occupy(model_name, slot)
                 was_loaded = False
-                plan = self._prepare(model, job)
+                plan = self._prepare(model, slot, job)
             yield Started(
                 model_name, plan.cached_tokens, queue_seconds, 0.0 if was_loaded else model.load_seconds
             )
-            async with aclosing(self._run(model, job, plan)) as events:
+            async with aclosing(self._run(model, slot, job, plan)) as events:
                 async for event in events:
                     yield event
         finally:
+            if slot is not None:
+                self._vacate(model_name, slot)
             ticket.release()
 
-    @staticmethod
-    def _prepare(model: LoadedModel, job: Job) -> RunPlan:
+    def _occupy(self, model_name: str, slot: KvSlot) -> None:
+        slot.running = True
+        self.metrics.set_slot_state(model_name, slot.index, slot.state)
+
+    def _vacate(self, model_name: str, slot: KvSlot) -> None:
+        slot.running = False
+        slot.last_used = time.monotonic()
+        loaded = self.registry.get(model_name)
+        if loaded is not None and slot in loaded.slots:  # not replaced or unloaded meanwhile
+            self.metrics.set_slot_state(model_name, slot.index, slot.state)
+
+    def _prepare(self, model: LoadedModel, slot: KvSlot, job: Job) -> RunPlan:
         """Tools and KV cache set up for the job; the handle's cache state is unknown until it ends."""
-        engine = model.engine
-        if job.tools_json != model.tools_json:
-            model.kv_text = ""  # the runtime's tool prompt changes what the cache means
+        engine, name = slot.engine, model.config.name
+        if slot.kv_text and not continues(slot, job):
+            self.metrics.kv_slot_evictions.labels(name).inc()
+        if job.tools_json != slot.tools_json:
+            slot.kv_text = ""  # the runtime's tool prompt changes what the cache means
             engine.set_function_tools("", job.tools_json, "tool_response")
-            model.tools_json = job.tools_json
-        plan = plan_run(model, job, engine.kv_cache_size() if model.kv_text else 0)
+            slot.tools_json = job.tools_json
+        plan = plan_run(model, slot, job, engine.kv_cache_size() if slot.kv_text else 0)
         if not plan.reuse:
-            model.kv_text = ""
+            slot.kv_text = ""
             engine.clear_kv_cache(False)
         return plan
 
     async def _run(
-        self, model: LoadedModel, job: Job, plan: RunPlan
+        self, model: LoadedModel, slot: KvSlot, job: Job, plan: RunPlan
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        engine, name = model.engine, model.config.name
-        base = model.kv_text
-        model.kv_text = ""  # unknown until this run completes cleanly
+        engine, name = slot.engine, model.config.name
+        base = slot.kv_text
+        slot.kv_text = ""  # unknown until this run completes cleanly
         request = GenerationRequest(
             prompt=plan.text, role=job.role, keep_history=True, max_tokens=plan.max_tokens
         )
@@ -309,57 +346,67 @@ class Scheduler:
                         last = now
                         generated.append(event.text)
                     else:
-                        self._observe_finish(name, event, job)
-                        if event.finish_reason != "abort":
-                            model.kv_text = base + plan.text + "".join(generated)
+                        self._observe_finish(model, event, job, plan)
+                        if event.finish_reason != "abort" and model.config.kv_cache_reuse:
+                            slot.kv_text = base + plan.text + "".join(generated)
                     yield event
         except RkllmError as exc:
             # RUN_ERROR leaves the handle usable; anything else (closed, busy, failed call) does not.
-            model.poisoned = not isinstance(exc, RunError)
+            slot.poisoned = not isinstance(exc, RunError)
             self.metrics.rejected.labels(name, "run_error").inc()
             raise
 
-    def _observe_finish(self, name: str, event: FinishEvent, job: Job) -> None:
-        perf = event.perf
+    def _observe_finish(self, model: LoadedModel, event: FinishEvent, job: Job, plan: RunPlan) -> None:
+        perf, name = event.perf, model.config.name
         self.metrics.prompt_tokens.labels(name).inc(perf.prefill_tokens)
+        self.metrics.prompt_tokens_cached.labels(name).inc(plan.cached_tokens)
         self.metrics.generation_tokens.labels(name).inc(perf.generate_tokens)
         self.metrics.e2e_latency.labels(name).observe(time.monotonic() - job.arrived)
         if perf.memory_mb > 0:
-            self.metrics.model_memory.labels(name).set(perf.memory_mb * 1024 * 1024)
+            self.metrics.model_memory.labels(name).set(perf.memory_mb * len(model.slots) * 1024 * 1024)
         if perf.generate_ms > 0:
             self.metrics.decode_rate.labels(name).observe(perf.decode_tokens_per_second)
 
     async def probe(self, model_name: str) -> str | None:
-        """Exercise the runtime on an idle handle; re-initialise it once if it fails. None = healthy."""
+        """Check an idle model's handles without touching a conversation; re-initialise failed ones once.
+
+        None = healthy. The first empty slot runs a one-token generation (the NPU and the runtime
+        generate); every other slot is asked for its KV cache size (its handle is alive and answers the
+        runtime). No cache that holds a conversation is run on or cleared.
+        """
         queue = self._queues[model_name]
         if queue.busy:
             # It is generating right now; a poisoned handle is flagged by the run that found out.
             model = self.registry.get(model_name)
             return None if model is not None and not model.poisoned else f"{model_name}: handle failed"
-        problem = await self._probe_once(model_name, reload=False)
+        problem = await self._probe_once(model_name)
         if problem is not None:
-            problem = await self._probe_once(model_name, reload=True)
+            problem = await self._probe_once(model_name)
         return problem
 
-    async def _probe_once(self, model_name: str, reload: bool) -> str | None:
+    async def _probe_once(self, model_name: str) -> str | None:
         # Probes go on while the node drains: its operator still wants to know the runtime works.
         ticket = self._queues[model_name].admit()
+        slot: KvSlot | None = None
         try:
             await ticket.wait()
-            model = self.registry.get(model_name)
-            if reload or model is None or model.poisoned:
-                model = await (
-                    self.registry.reload(model_name) if model else self.registry.ensure(model_name)
-                )
-            model.kv_text = ""  # the probe runs single-turn and leaves the cache undefined
-            request = GenerationRequest(prompt=PROBE_PROMPT, keep_history=False, max_tokens=1)
-            async with aclosing(model.engine.generate(request)) as events:
-                async for _ in events:
-                    pass
+            model = await self.registry.ensure(model_name)
+            generated = False
+            for index in range(len(model.slots)):
+                slot = model.slots[index]
+                if slot.poisoned:
+                    slot = await self.registry.reload_slot(model_name, index)
+                if slot.kv_text or generated:
+                    slot.engine.kv_cache_size()
+                else:
+                    request = GenerationRequest(prompt=PROBE_PROMPT, keep_history=False, max_tokens=1)
+                    async with aclosing(slot.engine.generate(request)) as events:
+                        async for _ in events:
+                            pass
+                    generated = True
         except Exception as exc:  # any failure is the answer to "is this handle healthy?"
-            model = self.registry.get(model_name)
-            if model is not None:
-                model.poisoned = True
+            if slot is not None:
+                slot.poisoned = True
             return f"{model_name}: {exc}"
         finally:
             ticket.release()

@@ -52,7 +52,7 @@ def test_ready_fails_when_the_runtime_fails_even_though_the_model_is_loaded(
 
 def test_ready_reinitialises_a_broken_handle(start_server, make_model, double_log):
     server = start_server([model_entry(make_model, QWEN, config={"pinned": True})])
-    server.scheduler.registry.get(QWEN).engine.close()  # the handle is gone behind the server's back
+    server.scheduler.registry.get(QWEN).slots[0].engine.close()  # the handle is gone behind the server's back
     with server.http() as http:
         ready = http.get("/ready")
         assert ready.status_code == 200, ready.text
@@ -303,7 +303,7 @@ def test_a_request_finding_a_broken_handle_gets_a_fresh_one(start_server, make_m
     server = start_server([model_entry(make_model, QWEN)])
     with server.http() as http:
         assert chat(http).status_code == 200
-        server.scheduler.registry.get(QWEN).engine.close()
+        server.scheduler.registry.get(QWEN).slots[0].engine.close()
         healed = chat(http)
     assert healed.status_code == 200 and healed.json()["choices"][0]["message"]["content"]
     assert len(log_lines(double_log, "INIT")) == 2
