@@ -3,14 +3,16 @@
 N rkllm-server boards (the double at Qwen2.5-1.5B speed: 3.22 ms per prefilled token, 16.3 tok/s)
 behind the nginx.conf that the nginx_lb role renders, with conversation affinity off (least_conn
 only) and on. C conversations run at once, each 8 turns back to back: a 200-token system prompt, a
-50-token user message per turn, short replies. Each turn is a streamed chat completion carrying the
-whole history, as OpenAI and Ollama clients send it.
+50-token user message per turn, 6-token replies. Each turn is a streamed chat completion carrying the
+whole history, as OpenAI and Ollama clients send it, after 0.2-1.5 s of "reading" the last answer
+(seeded per conversation: every routing sees the same users).
 
 Usage (from the repository root, after `make double`):
     .venv/bin/python -m bench.bench_conversations [--boards 3] [--conversations 1 2 4] [--kv-slots 1 2]
 Prints a Markdown table per cell: TTFT p50 of each turn, turn 8 / turn 1, the share of prompt tokens
 served from cache (usage.prompt_tokens_details.cached_tokens) over all turns and over turns 2-8
 (turn 1 can never be cached), how often a conversation changed boards, 503s and errors.
+With --against URL it drives an existing fleet instead (boards x conversations of them) and prints JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import statistics
 import tempfile
@@ -40,6 +43,7 @@ TURNS = 8
 REPLY_TOKENS = 6
 SYSTEM_CHARS = 800  # ~200 tokens at the double's 4 bytes per token
 USER_CHARS = 200  # ~50 tokens
+THINK_SECONDS = (0.2, 1.5)  # a user reads the answer and types the next question
 ROUTINGS = {"least_conn": False, "affinity": True}
 TURN_LOGGED = r'"POST /v1/chat/completions\?c=(\d+)&t=(\d+) [^"]*" 200 .*? ua="([^"]*)"'
 
@@ -72,10 +76,10 @@ def padded(text: str, size: int) -> str:
     return text[:size]
 
 
-async def one_turn(client: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
+async def one_turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, str]],
                    result: CellResult) -> tuple[Turn, str]:
     """One streamed turn, repeated after Retry-After while the fleet answers 503."""
-    body = {"model": "qwen", "messages": messages, "stream": True, "max_tokens": REPLY_TOKENS,
+    body = {"model": model, "messages": messages, "stream": True, "max_tokens": REPLY_TOKENS,
             "stream_options": {"include_usage": True}}
     while True:
         sent = time.monotonic()
@@ -108,17 +112,21 @@ async def one_turn(client: httpx.AsyncClient, url: str, messages: list[dict[str,
         return measured, "".join(reply)
 
 
-async def conversation(client: httpx.AsyncClient, url: str, cell: str, number: int, result: CellResult
-                       ) -> None:
+async def conversation(client: httpx.AsyncClient, url: str, model: str, cell: str, number: int,
+                       turns_wanted: int, result: CellResult) -> None:
     messages = [{"role": "system", "content": padded(f"Conversation {cell}/{number}. You are a helpful "
                                                      "assistant running on a fleet of RK3588 boards.",
                                                      SYSTEM_CHARS)}]
     turns: list[Turn] = []
+    # The same users (seeded by conversation) in every cell, so routings see the same arrivals.
+    user = random.Random(number)
     try:
-        for turn in range(1, TURNS + 1):
+        for turn in range(1, turns_wanted + 1):
+            if turn > 1:
+                await asyncio.sleep(user.uniform(*THINK_SECONDS))
             messages.append({"role": "user",
                              "content": padded(f"Question {turn} of conversation {number}:", USER_CHARS)})
-            measured, reply = await one_turn(client, f"{url}?c={number}&t={turn}", messages, result)
+            measured, reply = await one_turn(client, f"{url}?c={number}&t={turn}", model, messages, result)
             turns.append(measured)
             messages.append({"role": "assistant", "content": reply})
     except (httpx.HTTPError, RuntimeError):
@@ -126,7 +134,8 @@ async def conversation(client: httpx.AsyncClient, url: str, cell: str, number: i
     result.turns.append(turns)
 
 
-async def run_cell(base: str, cell: str, conversations: int) -> CellResult:
+async def run_cell(base: str, cell: str, conversations: int, model: str = "qwen", turns: int = TURNS
+                   ) -> CellResult:
     result = CellResult()
     limits = httpx.Limits(max_connections=conversations + 4, max_keepalive_connections=conversations + 4)
     started = time.monotonic()
@@ -134,7 +143,7 @@ async def run_cell(base: str, cell: str, conversations: int) -> CellResult:
         url = f"{base}/v1/chat/completions"
         tasks = []
         for number in range(conversations):
-            tasks.append(asyncio.create_task(conversation(client, url, cell, number, result)))
+            tasks.append(asyncio.create_task(conversation(client, url, model, cell, number, turns, result)))
             await asyncio.sleep(0.05)  # users do not start in the same millisecond
         await asyncio.gather(*tasks)
     result.seconds = time.monotonic() - started
@@ -152,14 +161,19 @@ def moves_per_conversation(log: str) -> float:
     return statistics.mean(moves) if moves else float("nan")
 
 
+def cache_shares(conversations: list[list[Turn]]) -> tuple[float, float]:
+    """Share of prompt tokens served from cache over all turns, and over turns 2 and later."""
+    every = [turn for turns in conversations for turn in turns]
+    later = [turn for turns in conversations for turn in turns[1:]]
+    return (sum(t.cached_tokens for t in every) / max(1, sum(t.prompt_tokens for t in every)),
+            sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)))
+
+
 def row(kv_slots: int, n: int, conversations: int, routing: str, result: CellResult, moves: float) -> str:
     complete = [turns for turns in result.turns if len(turns) == TURNS]
     p50 = [statistics.median(turns[t].ttft for turns in complete) if complete else float("nan")
            for t in range(TURNS)]
-    every = [turn for turns in complete for turn in turns]
-    later = [turn for turns in complete for turn in turns[1:]]
-    share_all = sum(t.cached_tokens for t in every) / max(1, sum(t.prompt_tokens for t in every))
-    share_later = sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later))
+    share_all, share_later = cache_shares(complete)
     ttfts = " / ".join(f"{v * 1000:.0f}" for v in p50)
     return (f"| {kv_slots} | {conversations} ({conversations // n}N) | {routing} | {ttfts} | "
             f"{p50[-1] / p50[0]:.2f} | {100 * share_all:.0f} % | {100 * share_later:.0f} % | {moves:.2f} | "
@@ -174,7 +188,7 @@ async def bench(workdir: Path, n: int, multiples: list[int], slot_counts: list[i
           "from cache, all turns | from cache, turns 2-8 | moves | 503 | errors | cell s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kv_slots in slot_counts:
-        fleet = {f"b{i + 1}": [qwen(kv_slots if kv_slots != 1 else None)] for i in range(n)}
+        fleet = {f"b{i + 1}": [qwen(kv_slots)] for i in range(n)}
         with running_boards(workdir / f"boards-{kv_slots}", library, fleet) as started:
             boards = list(started.values())
             variants: dict[str, dict[str, object]] = {
@@ -194,13 +208,28 @@ async def bench(workdir: Path, n: int, multiples: list[int], slot_counts: list[i
                     print(row(kv_slots, n, n * multiple, routing, result, moves), flush=True)
 
 
+async def against(base: str, model: str, conversations: int, turns: int) -> None:
+    """Conversations against a running fleet (the simulated one): one JSON document on stdout."""
+    result = await run_cell(base, f"{time.time():.0f}", conversations, model, turns)
+    share_all, share_later = cache_shares(result.turns)
+    print(json.dumps({"turns_completed": [len(turns) for turns in result.turns], "errors": result.errors,
+                      "refused": result.refused, "from_cache_all": share_all, "from_cache_later": share_later,
+                      "ttft": [[t.ttft for t in turns] for turns in result.turns]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boards", type=int, default=3)
     parser.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4],
                         help="concurrent conversations per board")
     parser.add_argument("--kv-slots", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--against", metavar="URL", help="drive an existing fleet instead; prints JSON")
+    parser.add_argument("--model", default="Qwen2.5-1.5B-Instruct", help="with --against")
+    parser.add_argument("--turns", type=int, default=TURNS, help="with --against")
     args = parser.parse_args()
+    if args.against:
+        asyncio.run(against(args.against, args.model, args.boards * args.conversations[0], args.turns))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-conversations-") as tmp:
         asyncio.run(bench(Path(tmp), args.boards, args.conversations, args.kv_slots))
 

@@ -39,8 +39,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     started = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
     try:
         (inventory / "host_vars").mkdir()
+        # Two KV slots for Qwen: a board keeps a conversation's cache while it serves other requests.
+        slots = f"rkllm_server_model_settings: {{{QWEN}: {{kv_slots: 2}}}}\n"
         (inventory / "host_vars" / "board1.yml").write_text(
-            f"rkllm_models_enabled: [{QWEN}, {DEEPSEEK}]\n")
+            f"rkllm_models_enabled: [{QWEN}, {DEEPSEEK}]\n{slots}")
+        for board in BOARDS[1:]:
+            (inventory / "host_vars" / f"{board}.yml").write_text(slots)
         playbook(started, "site.yml")
         playbook(started, "ansible/balancer.yml")
         yield started
@@ -206,6 +210,32 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
     later = [r for r in records if float(r["start"]) > stopped_at]
     print(f"board stop: {len(later)} requests after the stop, {len(failures(later))} failed")
     assert later and failures(later) == []
+
+
+def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fleet: Fleet,
+                                                                            background_load) -> None:
+    stop = background_load(concurrency=2, max_tokens=8)
+    wait_until(lambda: sum(running(fleet, b) for b in BOARDS) > 0, "the other client loads the fleet")
+    # One conversation per board, 6 turns each, streamed through nginx with their whole history.
+    conversations = ["--against", base_url(fleet), "--model", QWEN, "--boards", str(len(BOARDS)),
+                     "--conversations", "1", "--turns", "6"]
+    done = fleet.client_exec(["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m",
+                              "bench.bench_conversations", *conversations], timeout=600)
+    records = stop()
+    chats = json.loads(done.stdout)
+    # The bench names each turn in its URI (?c=<conversation>&t=<turn>); nginx logs who answered.
+    answered: dict[str, set[str]] = {}
+    for conversation, tried in re.findall(r'\?c=(\d+)&t=\d+ [^"]*" 200 .*? ua="([^"]*)"',
+                                          fleet.balancer.exec(["cat", "/var/log/nginx/access.log"]).stdout):
+        answered.setdefault(conversation, set()).add(re.split(r", | : ", tried)[-1])
+    print(f"conversations under load: {100 * chats['from_cache_later']:.0f} % of later turns' prompt tokens "
+          f"from cache, boards per conversation {answered}, {len(records)} load requests")
+    assert chats["errors"] == 0 and chats["turns_completed"] == [6] * len(BOARDS)
+    assert failures(records) == []
+    assert sorted(answered) == [str(n) for n in range(len(BOARDS))]
+    assert all(len(boards) == 1 for boards in answered.values()), answered
+    # Only the new user message is prefilled on turns 2-6 (the ideal for this shape is ~88 %).
+    assert chats["from_cache_later"] >= 0.8
 
 
 def nginx_workers(fleet: Fleet) -> set[str]:

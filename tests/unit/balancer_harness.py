@@ -42,6 +42,8 @@ class Board:
     port: int
     models: Sequence[str]
     address: str = "127.0.0.1"
+    pid: int = 0  # of a board started by running_boards
+    drain_file: Path | None = None  # touch it to drain the board (its server answers 503 "draining")
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,8 @@ class BoardModel:
 
 
 def _board_config(workdir: Path, library: Path, port: int, models: Sequence[BoardModel]) -> Path:
-    lines = [f'library = "{library}"', 'host = "127.0.0.1"', f"port = {port}"]
+    lines = [f'library = "{library}"', 'host = "127.0.0.1"', f"port = {port}",
+             f'drain_file = "{workdir / "drain"}"']
     for model in models:
         model_file = workdir / f"{model.name}.rkllm"
         model_file.write_text(
@@ -223,7 +226,8 @@ def running_boards(workdir: Path, library: Path, boards: dict[str, Sequence[Boar
             log = (board_dir / "server.log").open("wb")
             procs.append(subprocess.Popen([str(server), "--config", str(config), "--log-level", "warning"],
                                           stdout=log, stderr=subprocess.STDOUT))
-            started[name] = Board(name=name, port=port, models=[m.name for m in models])
+            started[name] = Board(name=name, port=port, models=[m.name for m in models], pid=procs[-1].pid,
+                                  drain_file=board_dir / "drain")
         for proc, board in zip(procs, started.values(), strict=True):
             wait_until_http(f"http://127.0.0.1:{board.port}/ready", deadline_s=30, proc=proc)
         yield started
