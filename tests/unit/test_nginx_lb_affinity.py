@@ -21,10 +21,13 @@ from balancer_harness import (
     BoardModel,
     RenderedBalancer,
     access_log,
+    free_port,
+    reload_nginx,
     render_balancers,
     running_boards,
     running_nginx,
 )
+from server_harness import wait_until
 
 # 200 tok/s: a 400-token stream holds a board for 2 s. Queues let a board take every conversation.
 MODEL = BoardModel("alpha", tokens_per_second=200, reply_tokens=400, queue_size=8)
@@ -74,20 +77,22 @@ def cached(answer: dict[str, object]) -> int:
     return int(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def answering_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int) -> list[str]:
-    """The board that answered each request logged after `offset` (the last address nginx tried)."""
-    by_address = {f"127.0.0.1:{b.port}": name for name, b in boards.items()}
-    return [by_address[re.split(r", | : ", tried)[-1]]
-            for tried in re.findall(r'ua="([^"]*)"', access_log(balancer)[offset:])]
-
-
-def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int
+def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int, count: int = 1
                         ) -> list[tuple[str, str]]:
-    """(URI, answering board) of each request logged after `offset`."""
+    """(URI, answering board: the last address nginx tried) of the requests logged after `offset`, once
+    there are `count` of them (nginx logs a request after the client may already have its answer)."""
     by_address = {f"127.0.0.1:{b.port}": name for name, b in boards.items()}
-    return [(uri, by_address[re.split(r", | : ", tried)[-1]])
-            for uri, tried in re.findall(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"',
-                                         access_log(balancer)[offset:])]
+
+    def logged() -> list[tuple[str, str]]:
+        found = re.findall(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"', access_log(balancer)[offset:])
+        return found if len(found) >= count else []
+
+    return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in wait_until(logged)]
+
+
+def answering_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int) -> list[str]:
+    """The board that answered the one request logged after `offset`."""
+    return [board for _, board in requests_and_boards(balancer, boards, offset)]
 
 
 def log_size(balancer: RenderedBalancer) -> int:
@@ -147,7 +152,7 @@ def test_a_new_conversation_goes_to_the_least_loaded_board(balancers: dict[str, 
         chat.turn()
         for stream in streams:
             stream.join()
-        served = requests_and_boards(balancer, boards, offset)
+        served = requests_and_boards(balancer, boards, offset, count=3)
         loaded = {board for uri, board in served if uri.endswith("?long")}
         placed = [board for uri, board in served if not uri.endswith("?long")]
         assert len(loaded) == 2 and len(placed) == 1 and placed[0] not in loaded, served
@@ -256,6 +261,45 @@ def test_a_killed_home_board_hands_the_conversation_over_once(tmp_path: Path,
         home = answering_boards(balancer, own_boards, offset)[0]
         moved_once_then_stays(balancer, own_boards, chat, home,
                               lambda: os.kill(own_boards[home].pid, signal.SIGKILL))
+
+
+def workers(balancer: RenderedBalancer) -> set[str]:
+    master = (balancer.prefix / "nginx.pid").read_text().strip()
+    return set(Path(f"/proc/{master}/task/{master}/children").read_text().split())
+
+
+def reload_and_wait(balancer: RenderedBalancer, conf: Path) -> None:
+    """Reload nginx with `conf` and return once every worker of the old configuration has exited."""
+    old = workers(balancer)
+    reload_nginx(balancer, conf)
+    wait_until(lambda: not old & workers(balancer), timeout=15, interval=0.05)
+
+
+def test_a_board_drained_in_the_inventory_hands_its_conversations_over_once(
+        tmp_path: Path, boards: dict[str, Board]) -> None:
+    workdir = tmp_path / "lb"
+    live = workdir / "live"
+    # Each variant is the live balancer's configuration at one moment (same port, paths and table).
+    # (each keeps its own njs file, which its nginx.conf imports by absolute path).
+    shared = {"nginx_lb_http_port": free_port(), "nginx_lb_pid_path": str(live / "nginx.pid"),
+              "nginx_lb_log_dir": str(live / "log"), "nginx_lb_state_dir": str(live / "state"),
+              "nginx_lb_affinity_dir": str(tmp_path / "table")}
+    drained = {f"without_{name}": {**shared, "nginx_lb_drained_boards": [name]} for name in boards}
+    rendered = render_balancers(workdir, list(boards.values()), {"live": shared, "back": shared, **drained})
+    balancer = rendered["live"]
+    with running_nginx(balancer) as base:
+        chat = Conversation(base)
+        offset = log_size(balancer)
+        chat.turn()
+        home = answering_boards(balancer, boards, offset)[0]
+
+        moved_once_then_stays(balancer, boards, chat, home,
+                              lambda: reload_and_wait(balancer, rendered[f"without_{home}"].conf))
+        # The board is back in the inventory: the conversation stays on its new board.
+        reload_and_wait(balancer, rendered["back"].conf)
+        offset = log_size(balancer)
+        chat.turn("after the board came back")
+        assert home not in answering_boards(balancer, boards, offset)
 
 
 def test_rendered_affinity_splits_each_board_between_home_and_shared_upstreams(
