@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.bench_balancer import TMPFS
 from tests.unit.balancer_harness import (
     BoardModel,
     access_log,
@@ -180,7 +181,8 @@ def row(kv_slots: int, n: int, conversations: int, routing: str, result: CellRes
             f"{result.refused} | {result.errors + conversations - len(complete)} | {result.seconds:.0f} |")
 
 
-async def bench(workdir: Path, n: int, multiples: list[int], slot_counts: list[int]) -> None:
+async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], slot_counts: list[int]
+                ) -> None:
     library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
     print(f"{n} boards; TTFT p50 ms of turns 1-{TURNS}; 'moves' = turns answered by another board than "
           "the conversation's previous turn, per conversation")
@@ -193,7 +195,7 @@ async def bench(workdir: Path, n: int, multiples: list[int], slot_counts: list[i
             boards = list(started.values())
             variants: dict[str, dict[str, object]] = {
                 routing: {"nginx_lb_conversation_affinity": on,
-                          "nginx_lb_affinity_dir": str(workdir / f"table-{kv_slots}-{routing}")}
+                          "nginx_lb_affinity_dir": str(table_dir / f"{kv_slots}-{routing}")}
                 for routing, on in ROUTINGS.items()
             }
             rendered = render_balancers(workdir / f"lb-{kv_slots}", boards, variants)
@@ -230,8 +232,9 @@ def main() -> None:
     if args.against:
         asyncio.run(against(args.against, args.model, args.boards * args.conversations[0], args.turns))
         return
-    with tempfile.TemporaryDirectory(prefix="bench-conversations-") as tmp:
-        asyncio.run(bench(Path(tmp), args.boards, args.conversations, args.kv_slots))
+    with tempfile.TemporaryDirectory(prefix="bench-conversations-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="bench-conversations-", dir=TMPFS) as table:
+        asyncio.run(bench(Path(tmp), Path(table), args.boards, args.conversations, args.kv_slots))
 
 
 if __name__ == "__main__":
