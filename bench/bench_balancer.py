@@ -158,6 +158,14 @@ async def nginx_added_ttft(base: str, board: Board, pairs: int = 40) -> tuple[fl
     return statistics.median(direct), statistics.median(proxied), statistics.median(diffs)
 
 
+def worker_cpu_seconds(balancer: RenderedBalancer) -> float:
+    """CPU time the nginx workers have used so far (schedstat: nanoseconds on CPU), a measure of
+    nginx's own work that the machine's load does not inflate the way it inflates latencies."""
+    master = (balancer.prefix / "nginx.pid").read_text().strip()
+    workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return sum(int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) for pid in workers) / 1e9
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -198,17 +206,24 @@ async def bench(workdir: Path, table_dir: Path, sizes: list[int], loads: list[in
                     result, mean_queue = await run_cell(base, boards[:n], n * load, seconds)
                     print(row(n, load, result, mean_queue, seconds), flush=True)
         # Alternating rounds, so that load from elsewhere on the machine hits both configurations alike.
+        # The same requests every round: the first round's are new conversations, later ones return.
         added: dict[str, list[float]] = {f"n{largest}": [], "no_affinity": []}
+        cpu: dict[str, float] = dict.fromkeys(added, 0.0)
+        pairs = 40
         for _ in range(3):
             for variant, values in added.items():
                 with running_nginx(rendered[variant]) as base:
-                    direct, proxied, difference = await nginx_added_ttft(base, boards[0])
+                    cpu_before = worker_cpu_seconds(rendered[variant])
+                    direct, proxied, difference = await nginx_added_ttft(base, boards[0], pairs)
+                    cpu[variant] += worker_cpu_seconds(rendered[variant]) - cpu_before
                     values.append(difference)
         on, off = (statistics.median(added[v]) * 1000 for v in added)
+        cpu_on, cpu_off = (cpu[v] / (3 * (pairs + 5)) * 1e6 for v in added)
         print(f"\nTTFT on an idle board (flat-out model, 1 token; last round: direct p50 "
               f"{direct * 1000:.2f} ms, through nginx p50 {proxied * 1000:.2f} ms): nginx adds p50 "
-              f"{on:.2f} ms with conversation affinity, {off:.2f} ms without "
-              "(median of 3 rounds of 40 paired requests)")
+              f"{on:.2f} ms with conversation affinity, {off:.2f} ms without (median of 3 rounds of "
+              f"{pairs} paired requests); nginx worker CPU per request {cpu_on:.0f} µs with affinity, "
+              f"{cpu_off:.0f} µs without")
 
 
 def main() -> None:
