@@ -31,6 +31,7 @@ bench: venv double
 	$(PY) bench/bench_binding.py 2>/dev/null
 	$(PY) bench/bench_server.py
 	$(PY) -m bench.bench_balancer
+	$(PY) -m bench.bench_conversations
 
 clean:
 	rm -rf build $(VENV)

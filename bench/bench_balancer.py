@@ -5,7 +5,8 @@ Usage (from the repository root, after `make double`):
     .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8]
 Prints a Markdown table: aggregate tokens/s against the ideal N x 16, TTFT p50/p95, mean queue wait
 (from the boards' rkllm_request_queue_time_seconds), status/error counts; then nginx's added TTFT
-(p50 of paired direct-vs-nginx requests to an idle board). Runs about three minutes.
+(p50 of paired direct-vs-nginx requests to an idle board) with conversation affinity on (as in the
+table) and off. Runs about four minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ TOKENS_PER_REQUEST = 32  # 2 s of decoding per request at 16 tok/s
 PACED = BoardModel("paced", tokens_per_second=TOKENS_PER_SECOND, reply_tokens=4096, queue_size=8)
 FLAT = BoardModel("flat", tokens_per_second=0, reply_tokens=4, queue_size=8)
 WARMUP_S = 3.0
+TMPFS = "/dev/shm"  # the conversation table's tmpfs (on a balancer: /run)
 
 
 @dataclass
@@ -156,6 +158,14 @@ async def nginx_added_ttft(base: str, board: Board, pairs: int = 40) -> tuple[fl
     return statistics.median(direct), statistics.median(proxied), statistics.median(diffs)
 
 
+def worker_cpu_seconds(balancer: RenderedBalancer) -> float:
+    """CPU time the nginx workers have used so far (schedstat: nanoseconds on CPU), a measure of
+    nginx's own work that the machine's load does not inflate the way it inflates latencies."""
+    master = (balancer.prefix / "nginx.pid").read_text().strip()
+    workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return sum(int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) for pid in workers) / 1e9
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -173,32 +183,47 @@ def row(n: int, load: int, result: CellResult, mean_queue: float, seconds: float
             f"{others + result.errors} |")
 
 
-async def bench(workdir: Path, sizes: list[int], loads: list[int], seconds: float) -> None:
+async def bench(workdir: Path, table_dir: Path, sizes: list[int], loads: list[int], seconds: float) -> None:
     largest = max(sizes)
     fleet = {f"b{i + 1}": [PACED, FLAT] for i in range(largest)}
     library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
     with running_boards(workdir / "boards", library, fleet) as started:
         boards = list(started.values())
-        # One render for every fleet size: boards beyond N are drained (rendered `down`).
+        # One render for every fleet size: boards beyond N are drained (rendered `down`). Conversation
+        # affinity is on (the default), its table on tmpfs as in production (/run).
         variants: dict[str, dict[str, object]] = {
-            f"n{n}": {"nginx_lb_drained_boards": [b.name for b in boards[n:]]} for n in sizes
+            f"n{n}": {"nginx_lb_drained_boards": [b.name for b in boards[n:]],
+                      "nginx_lb_affinity_dir": str(table_dir / f"n{n}")} for n in sizes
         }
+        variants["no_affinity"] = {"nginx_lb_conversation_affinity": False}
         rendered: dict[str, RenderedBalancer] = render_balancers(workdir / "lb", boards, variants)
         print("| boards | load | tokens/s | ideal | of ideal | TTFT p50 ms | TTFT p95 ms | "
               "queue wait mean ms | 200 | 503 | errors |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        overhead: tuple[float, float, float] | None = None
         for n in sizes:
             with running_nginx(rendered[f"n{n}"]) as base:
-                if overhead is None:
-                    overhead = await nginx_added_ttft(base, boards[0])
                 for load in loads:
                     result, mean_queue = await run_cell(base, boards[:n], n * load, seconds)
                     print(row(n, load, result, mean_queue, seconds), flush=True)
-        assert overhead is not None
-        direct, proxied, added = overhead
-        print(f"\nTTFT on an idle board (flat-out model, 1 token): direct p50 {direct * 1000:.2f} ms, "
-              f"through nginx p50 {proxied * 1000:.2f} ms, nginx adds p50 {added * 1000:.2f} ms")
+        # Alternating rounds, so that load from elsewhere on the machine hits both configurations alike.
+        # The same requests every round: the first round's are new conversations, later ones return.
+        added: dict[str, list[float]] = {f"n{largest}": [], "no_affinity": []}
+        cpu: dict[str, float] = dict.fromkeys(added, 0.0)
+        pairs = 40
+        for _ in range(3):
+            for variant, values in added.items():
+                with running_nginx(rendered[variant]) as base:
+                    cpu_before = worker_cpu_seconds(rendered[variant])
+                    direct, proxied, difference = await nginx_added_ttft(base, boards[0], pairs)
+                    cpu[variant] += worker_cpu_seconds(rendered[variant]) - cpu_before
+                    values.append(difference)
+        on, off = (statistics.median(added[v]) * 1000 for v in added)
+        cpu_on, cpu_off = (cpu[v] / (3 * (pairs + 5)) * 1e6 for v in added)
+        print(f"\nTTFT on an idle board (flat-out model, 1 token; last round: direct p50 "
+              f"{direct * 1000:.2f} ms, through nginx p50 {proxied * 1000:.2f} ms): nginx adds p50 "
+              f"{on:.2f} ms with conversation affinity, {off:.2f} ms without (median of 3 rounds of "
+              f"{pairs} paired requests); nginx worker CPU per request {cpu_on:.0f} µs with affinity, "
+              f"{cpu_off:.0f} µs without")
 
 
 def main() -> None:
@@ -207,8 +232,9 @@ def main() -> None:
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement window per cell")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-balancer-") as tmp:
-        asyncio.run(bench(Path(tmp), sorted(args.boards), args.loads, args.seconds))
+    with tempfile.TemporaryDirectory(prefix="bench-balancer-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="bench-balancer-", dir=TMPFS) as table:
+        asyncio.run(bench(Path(tmp), Path(table), sorted(args.boards), args.loads, args.seconds))
 
 
 if __name__ == "__main__":

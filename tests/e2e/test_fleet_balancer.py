@@ -39,8 +39,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     started = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
     try:
         (inventory / "host_vars").mkdir()
+        # Two KV slots for Qwen: a board keeps a conversation's cache while it serves other requests.
+        slots = f"rkllm_server_model_settings: {{{QWEN}: {{kv_slots: 2}}}}\n"
         (inventory / "host_vars" / "board1.yml").write_text(
-            f"rkllm_models_enabled: [{QWEN}, {DEEPSEEK}]\n")
+            f"rkllm_models_enabled: [{QWEN}, {DEEPSEEK}]\n{slots}")
+        for board in BOARDS[1:]:
+            (inventory / "host_vars" / f"{board}.yml").write_text(slots)
         playbook(started, "site.yml")
         playbook(started, "ansible/balancer.yml")
         yield started
@@ -228,6 +232,45 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
     later = [r for r in records if float(r["start"]) > stopped_at]
     print(f"board stop: {len(later)} requests after the stop, {len(failures(later))} failed")
     assert later and failures(later) == []
+
+
+def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fleet: Fleet,
+                                                                            background_load) -> None:
+    def answered() -> dict[str, list[str]]:
+        """Board of each turn by conversation: the bench names turns in the URI (?c=<n>&t=<turn>)."""
+        log = fleet.balancer.exec(["cat", "/var/log/nginx/access.log"]).stdout
+        boards: dict[str, list[str]] = {}
+        for conversation, tried in re.findall(r'\?c=(\d+)&t=\d+ [^"]*" 200 .*? ua="([^"]*)"', log):
+            boards.setdefault(conversation, []).append(re.split(r", | : ", tried)[-1])
+        return boards
+
+    # One conversation per board, 6 turns each, streamed through nginx with their whole history.
+    conversations = subprocess.Popen(
+        ["ip", "netns", "exec", fleet.client_netns, "env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m",
+         "bench.bench_conversations", "--against", base_url(fleet), "--model", QWEN,
+         "--boards", str(len(BOARDS)), "--conversations", "1", "--turns", "6"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(answered()) == len(BOARDS), "every conversation has its first answer")
+        stop = background_load(concurrency=1, max_tokens=8)
+        out, _ = conversations.communicate(timeout=600)
+    finally:
+        if conversations.poll() is None:
+            conversations.kill()
+            conversations.wait()
+    records = stop()
+    chats = json.loads(out)
+    boards = answered()
+    print(f"conversations under load: {100 * chats['from_cache_later']:.0f} % of later turns' prompt tokens "
+          f"from cache, boards per conversation {boards}, {len(records)} load requests")
+    assert chats["errors"] == 0 and chats["turns_completed"] == [6] * len(BOARDS)
+    assert failures(records) == [] and records
+    # Each conversation on a board of its own (placed while the others' first turns ran), and kept there.
+    assert len({turns[0] for turns in boards.values()}) == len(BOARDS), boards
+    assert all(len(set(turns)) == 1 for turns in boards.values()), boards
+    # Turns 2-6 prefill only the new message while the load takes the boards' other KV slot (the ideal
+    # for this conversation shape is ~88 %).
+    assert chats["from_cache_later"] >= 0.7
 
 
 def nginx_workers(fleet: Fleet) -> set[str]:

@@ -42,6 +42,8 @@ class Board:
     port: int
     models: Sequence[str]
     address: str = "127.0.0.1"
+    pid: int = 0  # of a board started by running_boards
+    drain_file: Path | None = None  # touch it to drain the board (its server answers 503 "draining")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
             "nginx_lb_state_dir": str(prefix / "state"),
             "nginx_lb_log_dir": str(prefix / "log"),
             "nginx_lb_pid_path": str(prefix / "nginx.pid"),
+            "nginx_lb_affinity_dir": str(prefix / "affinity"),
             "nginx_lb_listen_addresses": ["127.0.0.1"],
             "nginx_lb_http_port": port,
             "nginx_lb_status_port": status_port,
@@ -181,22 +184,28 @@ class BoardModel:
     tokens_per_second: float = 50.0
     reply_tokens: int = 100
     queue_size: int = 0
+    prefill_ms_per_token: float = 0.0
+    kv_slots: int | None = None  # the server's default when None
 
 
 def _board_config(workdir: Path, library: Path, port: int, models: Sequence[BoardModel]) -> Path:
-    lines = [f'library = "{library}"', 'host = "127.0.0.1"', f"port = {port}"]
+    lines = [f'library = "{library}"', 'host = "127.0.0.1"', f"port = {port}",
+             f'drain_file = "{workdir / "drain"}"']
     for model in models:
         model_file = workdir / f"{model.name}.rkllm"
         model_file.write_text(
             "format = rkllm-double/1\n"
             f"name = {model.name}\ntoolkit_version = 1.2.3\ntarget_platform = rk3588\n"
             "max_context = 4096\nmemory_mb = 256\n"
-            f"decode_tokens_per_second = {model.tokens_per_second}\nprefill_ms_per_token = 0\n"
+            f"decode_tokens_per_second = {model.tokens_per_second}\n"
+            f"prefill_ms_per_token = {model.prefill_ms_per_token}\n"
             f"reply_tokens = {model.reply_tokens}\n"
             "vocab = Hello|,| world| NPU| fleet| token| board| rock| chip\n"
         )
         lines += ["[[models]]", f'name = "{model.name}"', f'path = "{model_file}"',
                   f"queue_size = {model.queue_size}", "pinned = true"]
+        if model.kv_slots is not None:
+            lines.append(f"kv_slots = {model.kv_slots}")
     config = workdir / "server.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
@@ -218,7 +227,8 @@ def running_boards(workdir: Path, library: Path, boards: dict[str, Sequence[Boar
             log = (board_dir / "server.log").open("wb")
             procs.append(subprocess.Popen([str(server), "--config", str(config), "--log-level", "warning"],
                                           stdout=log, stderr=subprocess.STDOUT))
-            started[name] = Board(name=name, port=port, models=[m.name for m in models])
+            started[name] = Board(name=name, port=port, models=[m.name for m in models], pid=procs[-1].pid,
+                                  drain_file=board_dir / "drain")
         for proc, board in zip(procs, started.values(), strict=True):
             wait_until_http(f"http://127.0.0.1:{board.port}/ready", deadline_s=30, proc=proc)
         yield started

@@ -8,6 +8,7 @@ queue_size 0, so a board running one generation of a model answers 503 "queue fu
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import time
@@ -105,8 +106,12 @@ def lb(balancer: RenderedBalancer) -> Iterator[str]:
         yield base
 
 
+_requests = itertools.count()
+
+
 def chat(model: str, *, max_tokens: int = 4, stream: bool = False) -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": "hello fleet"}],
+    """A one-turn chat of its own: conversation affinity must not tie these requests to one board."""
+    return {"model": model, "messages": [{"role": "user", "content": f"hello fleet {next(_requests)}"}],
             "max_tokens": max_tokens, "stream": stream}
 
 
@@ -149,7 +154,9 @@ def test_rendered_config_is_valid_and_complete(balancer: RenderedBalancer) -> No
     assert checked.returncode == 0, checked.stderr
     conf = balancer.conf.read_text()
     for directive in ("least_conn;", "proxy_buffering off;", "gzip off;", 'proxy_set_header Connection "";',
-                      "proxy_next_upstream error timeout http_503 non_idempotent;", " max_conns=9",
+                      "proxy_next_upstream error timeout http_503 non_idempotent;",
+                      # 5 of the board's 9 in the least_conn upstreams, 4 in its home (conversation affinity).
+                      " max_conns=5",
                       "error_page 502 504 =503 @rkllm_busy;"):
         assert directive in conf
     declared = re.search(r"const routes = (\{.*\});", balancer.js.read_text())

@@ -1,0 +1,241 @@
+"""Multi-turn conversations through the balancer: does the fleet keep each chat's KV cache?
+
+N rkllm-server boards (the double at Qwen2.5-1.5B speed: 3.22 ms per prefilled token, 16.3 tok/s)
+behind the nginx.conf that the nginx_lb role renders, with conversation affinity off (least_conn
+only) and on. C conversations run at once, each 8 turns back to back: a 200-token system prompt, a
+50-token user message per turn, 6-token replies. Each turn is a streamed chat completion carrying the
+whole history, as OpenAI and Ollama clients send it, after 0.2-1.5 s of "reading" the last answer
+(seeded per conversation: every routing sees the same users).
+
+Usage (from the repository root, after `make double`):
+    .venv/bin/python -m bench.bench_conversations [--boards 3] [--conversations 1 2 4] [--kv-slots 1 2]
+Prints a Markdown table per cell: TTFT p50 of each turn, turn 8 / turn 1, the share of prompt tokens
+served from cache (usage.prompt_tokens_details.cached_tokens) over all turns and over turns 2-8
+(turn 1 can never be cached), how often a conversation changed boards, 503s and errors.
+With --against URL it drives an existing fleet instead (boards x conversations of them) and prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.bench_balancer import TMPFS
+from tests.unit.balancer_harness import (
+    BoardModel,
+    access_log,
+    render_balancers,
+    running_boards,
+    running_nginx,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TURNS = 8
+REPLY_TOKENS = 6
+SYSTEM_CHARS = 800  # ~200 tokens at the double's 4 bytes per token
+USER_CHARS = 200  # ~50 tokens
+THINK_SECONDS = (0.2, 1.5)  # a user reads the answer and types the next question
+ROUTINGS = {"least_conn": False, "affinity": True}
+TURN_LOGGED = r'"POST /v1/chat/completions\?c=(\d+)&t=(\d+) [^"]*" 200 .*? ua="([^"]*)"'
+
+
+def qwen(kv_slots: int | None) -> BoardModel:
+    return BoardModel("qwen", tokens_per_second=16.3, reply_tokens=REPLY_TOKENS, queue_size=8,
+                      prefill_ms_per_token=3.22, kv_slots=kv_slots)
+
+
+@dataclass
+class Turn:
+    ttft: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class CellResult:
+    turns: list[list[Turn]] = field(default_factory=list)  # per conversation
+    refused: int = 0
+    errors: int = 0
+    boards_touched: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def padded(text: str, size: int) -> str:
+    filler = " Keep answers short and precise, and cite the board that served each step."
+    while len(text) < size:
+        text += filler
+    return text[:size]
+
+
+async def one_turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, str]],
+                   result: CellResult) -> tuple[Turn, str]:
+    """One streamed turn, repeated after Retry-After while the fleet answers 503."""
+    body = {"model": model, "messages": messages, "stream": True, "max_tokens": REPLY_TOKENS,
+            "stream_options": {"include_usage": True}}
+    while True:
+        sent = time.monotonic()
+        first: float | None = None
+        reply: list[str] = []
+        usage: dict[str, object] = {}
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code == 503:
+                result.refused += 1
+                await response.aread()
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+                continue
+            if response.status_code != 200:
+                raise RuntimeError(f"status {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    content = choice.get("delta", {}).get("content") or ""
+                    if content and first is None:
+                        first = time.monotonic() - sent
+                    reply.append(content)
+        if first is None or not usage:
+            raise RuntimeError("stream ended without a token or usage")
+        details = usage.get("prompt_tokens_details") or {}
+        assert isinstance(details, dict)
+        measured = Turn(first, int(str(usage["prompt_tokens"])), int(details.get("cached_tokens", 0)))
+        return measured, "".join(reply)
+
+
+async def conversation(client: httpx.AsyncClient, url: str, model: str, cell: str, number: int,
+                       turns_wanted: int, result: CellResult) -> None:
+    messages = [{"role": "system", "content": padded(f"Conversation {cell}/{number}. You are a helpful "
+                                                     "assistant running on a fleet of RK3588 boards.",
+                                                     SYSTEM_CHARS)}]
+    turns: list[Turn] = []
+    # The same users (seeded by conversation) in every cell, so routings see the same arrivals.
+    user = random.Random(number)
+    try:
+        for turn in range(1, turns_wanted + 1):
+            if turn > 1:
+                await asyncio.sleep(user.uniform(*THINK_SECONDS))
+            messages.append({"role": "user",
+                             "content": padded(f"Question {turn} of conversation {number}:", USER_CHARS)})
+            measured, reply = await one_turn(client, f"{url}?c={number}&t={turn}", model, messages, result)
+            turns.append(measured)
+            messages.append({"role": "assistant", "content": reply})
+    except (httpx.HTTPError, RuntimeError):
+        result.errors += 1
+    result.turns.append(turns)
+
+
+async def run_cell(base: str, cell: str, conversations: int, model: str = "qwen", turns: int = TURNS
+                   ) -> CellResult:
+    result = CellResult()
+    limits = httpx.Limits(max_connections=conversations + 4, max_keepalive_connections=conversations + 4)
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
+        url = f"{base}/v1/chat/completions"
+        tasks = []
+        for number in range(conversations):
+            tasks.append(asyncio.create_task(conversation(client, url, model, cell, number, turns, result)))
+            await asyncio.sleep(0.05)  # users do not start in the same millisecond
+        await asyncio.gather(*tasks)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def moves_per_conversation(log: str) -> float:
+    """Turns answered by another board than the conversation's previous turn (from nginx's access log,
+    where each turn's URI names its conversation and turn), per conversation."""
+    boards: dict[int, dict[int, str]] = {}
+    for conv, turn, tried in re.findall(TURN_LOGGED, log):
+        boards.setdefault(int(conv), {})[int(turn)] = re.split(r", | : ", tried)[-1]
+    moves = [sum(1 for t in turns if t - 1 in turns and turns[t] != turns[t - 1])
+             for turns in boards.values()]
+    return statistics.mean(moves) if moves else float("nan")
+
+
+def cache_shares(conversations: list[list[Turn]]) -> tuple[float, float]:
+    """Share of prompt tokens served from cache over all turns, and over turns 2 and later."""
+    every = [turn for turns in conversations for turn in turns]
+    later = [turn for turns in conversations for turn in turns[1:]]
+    return (sum(t.cached_tokens for t in every) / max(1, sum(t.prompt_tokens for t in every)),
+            sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)))
+
+
+def row(kv_slots: int, n: int, conversations: int, routing: str, result: CellResult, moves: float) -> str:
+    complete = [turns for turns in result.turns if len(turns) == TURNS]
+    p50 = [statistics.median(turns[t].ttft for turns in complete) if complete else float("nan")
+           for t in range(TURNS)]
+    share_all, share_later = cache_shares(complete)
+    ttfts = " / ".join(f"{v * 1000:.0f}" for v in p50)
+    return (f"| {kv_slots} | {conversations} ({conversations // n}N) | {routing} | {ttfts} | "
+            f"{p50[-1] / p50[0]:.2f} | {100 * share_all:.0f} % | {100 * share_later:.0f} % | {moves:.2f} | "
+            f"{result.refused} | {result.errors + conversations - len(complete)} | {result.seconds:.0f} |")
+
+
+async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], slot_counts: list[int]
+                ) -> None:
+    library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
+    print(f"{n} boards; TTFT p50 ms of turns 1-{TURNS}; 'moves' = turns answered by another board than "
+          "the conversation's previous turn, per conversation")
+    print(f"| kv_slots | conversations | routing | TTFT p50 ms, turns 1-{TURNS} | turn {TURNS} / turn 1 | "
+          "from cache, all turns | from cache, turns 2-8 | moves | 503 | errors | cell s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kv_slots in slot_counts:
+        fleet = {f"b{i + 1}": [qwen(kv_slots)] for i in range(n)}
+        with running_boards(workdir / f"boards-{kv_slots}", library, fleet) as started:
+            boards = list(started.values())
+            variants: dict[str, dict[str, object]] = {
+                routing: {"nginx_lb_conversation_affinity": on,
+                          "nginx_lb_affinity_dir": str(table_dir / f"{kv_slots}-{routing}")}
+                for routing, on in ROUTINGS.items()
+            }
+            rendered = render_balancers(workdir / f"lb-{kv_slots}", boards, variants)
+            for multiple in multiples:
+                for routing in ROUTINGS:
+                    balancer = rendered[routing]
+                    with running_nginx(balancer) as base:
+                        offset = len(access_log(balancer))
+                        cell = f"{kv_slots}-{multiple}-{routing}"
+                        result = await run_cell(base, cell, n * multiple)
+                        moves = moves_per_conversation(access_log(balancer)[offset:])
+                    print(row(kv_slots, n, n * multiple, routing, result, moves), flush=True)
+
+
+async def against(base: str, model: str, conversations: int, turns: int) -> None:
+    """Conversations against a running fleet (the simulated one): one JSON document on stdout."""
+    result = await run_cell(base, f"{time.time():.0f}", conversations, model, turns)
+    share_all, share_later = cache_shares(result.turns)
+    print(json.dumps({"turns_completed": [len(turns) for turns in result.turns], "errors": result.errors,
+                      "refused": result.refused, "from_cache_all": share_all, "from_cache_later": share_later,
+                      "ttft": [[t.ttft for t in turns] for turns in result.turns]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boards", type=int, default=3)
+    parser.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4],
+                        help="concurrent conversations per board")
+    parser.add_argument("--kv-slots", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--against", metavar="URL", help="drive an existing fleet instead; prints JSON")
+    parser.add_argument("--model", default="Qwen2.5-1.5B-Instruct", help="with --against")
+    parser.add_argument("--turns", type=int, default=TURNS, help="with --against")
+    args = parser.parse_args()
+    if args.against:
+        asyncio.run(against(args.against, args.model, args.boards * args.conversations[0], args.turns))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-conversations-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="bench-conversations-", dir=TMPFS) as table:
+        asyncio.run(bench(Path(tmp), Path(table), args.boards, args.conversations, args.kv_slots))
+
+
+if __name__ == "__main__":
+    main()
