@@ -2,7 +2,9 @@
 the nginx_lb role renders, driven by an asyncio + httpx load generator on loopback.
 
 Usage (from the repository root, after `make double`):
-    .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8]
+    .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8] [--balancers 2]
+With --balancers 2 two nginx, each rendered with its share of every board (nginx_lb_admission_shares),
+take the clients in turn, as two balancers do that both take requests.
 Prints a Markdown table: aggregate tokens/s against the ideal N x 16, TTFT p50/p95, mean queue wait
 (from the boards' rkllm_request_queue_time_seconds), status/error counts; then nginx's added TTFT
 (p50 of paired direct-vs-nginx requests to an idle board). Runs about three minutes.
@@ -18,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,15 +114,17 @@ async def wait_idle(boards: list[Board]) -> None:
     raise TimeoutError("boards still busy after the cell")
 
 
-async def run_cell(base: str, boards: list[Board], clients: int, seconds: float) -> tuple[CellResult, float]:
+async def run_cell(bases: list[str], boards: list[Board], clients: int, seconds: float
+                   ) -> tuple[CellResult, float]:
     result = CellResult()
     queue_before = queue_totals(boards)
     start = time.monotonic()
     window = (start + WARMUP_S, start + WARMUP_S + seconds)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
-        tasks = [asyncio.create_task(client_loop(client, f"{base}/v1/chat/completions", window, result, i))
-                 for i in range(clients)]
+        urls = [f"{bases[i % len(bases)]}/v1/chat/completions" for i in range(clients)]
+        tasks = [asyncio.create_task(client_loop(client, url, window, result, i))
+                 for i, url in enumerate(urls)]
         await asyncio.sleep(window[1] - time.monotonic())
         for task in tasks:
             task.cancel()
@@ -173,27 +178,47 @@ def row(n: int, load: int, result: CellResult, mean_queue: float, seconds: float
             f"{others + result.errors} |")
 
 
-async def bench(workdir: Path, sizes: list[int], loads: list[int], seconds: float) -> None:
+def render_fleet_sizes(workdir: Path, boards: list[Board], sizes: list[int], balancers: int
+                       ) -> dict[int, list[RenderedBalancer]]:
+    """For each fleet size N, `balancers` nginx configs whose max_conns shares add up to a board's capacity.
+
+    Boards beyond N are drained (rendered `down`). With several balancers each size is rendered on its
+    own, so the balancers group holds exactly the balancers that share the boards.
+    """
+    def variant(n: int) -> dict[str, object]:
+        return {"nginx_lb_drained_boards": [b.name for b in boards[n:]],
+                "nginx_lb_admission_shares": 1 if balancers == 1 else 0}
+
+    if balancers == 1:
+        rendered = render_balancers(workdir / "lb", boards, {f"n{n}": variant(n) for n in sizes})
+        return {n: [rendered[f"n{n}"]] for n in sizes}
+    fleets = {}
+    for n in sizes:
+        names = [f"n{n}lb{i}" for i in range(1, balancers + 1)]
+        rendered = render_balancers(workdir / f"lb{n}", boards, {name: variant(n) for name in names})
+        fleets[n] = [rendered[name] for name in names]
+    return fleets
+
+
+async def bench(workdir: Path, sizes: list[int], loads: list[int], seconds: float, balancers: int) -> None:
     largest = max(sizes)
     fleet = {f"b{i + 1}": [PACED, FLAT] for i in range(largest)}
     library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
     with running_boards(workdir / "boards", library, fleet) as started:
         boards = list(started.values())
-        # One render for every fleet size: boards beyond N are drained (rendered `down`).
-        variants: dict[str, dict[str, object]] = {
-            f"n{n}": {"nginx_lb_drained_boards": [b.name for b in boards[n:]]} for n in sizes
-        }
-        rendered: dict[str, RenderedBalancer] = render_balancers(workdir / "lb", boards, variants)
+        rendered = render_fleet_sizes(workdir, boards, sizes, balancers)
+        print(f"{balancers} balancer(s)\n")
         print("| boards | load | tokens/s | ideal | of ideal | TTFT p50 ms | TTFT p95 ms | "
               "queue wait mean ms | 200 | 503 | errors |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         overhead: tuple[float, float, float] | None = None
         for n in sizes:
-            with running_nginx(rendered[f"n{n}"]) as base:
+            with ExitStack() as stack:
+                bases = [stack.enter_context(running_nginx(balancer)) for balancer in rendered[n]]
                 if overhead is None:
-                    overhead = await nginx_added_ttft(base, boards[0])
+                    overhead = await nginx_added_ttft(bases[0], boards[0])
                 for load in loads:
-                    result, mean_queue = await run_cell(base, boards[:n], n * load, seconds)
+                    result, mean_queue = await run_cell(bases, boards[:n], n * load, seconds)
                     print(row(n, load, result, mean_queue, seconds), flush=True)
         assert overhead is not None
         direct, proxied, added = overhead
@@ -206,9 +231,11 @@ def main() -> None:
     parser.add_argument("--boards", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement window per cell")
+    parser.add_argument("--balancers", type=int, default=1, choices=[1, 2, 3],
+                        help="nginx instances sharing the boards, clients spread over them")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-balancer-") as tmp:
-        asyncio.run(bench(Path(tmp), sorted(args.boards), args.loads, args.seconds))
+        asyncio.run(bench(Path(tmp), sorted(args.boards), args.loads, args.seconds, args.balancers))
 
 
 if __name__ == "__main__":
