@@ -2,7 +2,9 @@
 the nginx_lb role renders, driven by an asyncio + httpx load generator on loopback.
 
 Usage (from the repository root, after `make double`):
-    .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8]
+    .venv/bin/python -m bench.bench_balancer [--boards 1 2 4 8] [--loads 1 2 4] [--seconds 8] [--balancers 2]
+With --balancers 2 two nginx, each rendered with its share of every board (nginx_lb_admission_shares),
+take the clients in turn, as two balancers do that both take requests.
 Prints a Markdown table: aggregate tokens/s against the ideal N x 16, TTFT p50/p95, mean queue wait
 (from the boards' rkllm_request_queue_time_seconds), status/error counts; then nginx's added TTFT
 (p50 of paired direct-vs-nginx requests to an idle board) with conversation affinity on (as in the
@@ -19,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,15 +116,17 @@ async def wait_idle(boards: list[Board]) -> None:
     raise TimeoutError("boards still busy after the cell")
 
 
-async def run_cell(base: str, boards: list[Board], clients: int, seconds: float) -> tuple[CellResult, float]:
+async def run_cell(bases: list[str], boards: list[Board], clients: int, seconds: float
+                   ) -> tuple[CellResult, float]:
     result = CellResult()
     queue_before = queue_totals(boards)
     start = time.monotonic()
     window = (start + WARMUP_S, start + WARMUP_S + seconds)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
-        tasks = [asyncio.create_task(client_loop(client, f"{base}/v1/chat/completions", window, result, i))
-                 for i in range(clients)]
+        urls = [f"{bases[i % len(bases)]}/v1/chat/completions" for i in range(clients)]
+        tasks = [asyncio.create_task(client_loop(client, url, window, result, i))
+                 for i, url in enumerate(urls)]
         await asyncio.sleep(window[1] - time.monotonic())
         for task in tasks:
             task.cancel()
@@ -183,39 +188,65 @@ def row(n: int, load: int, result: CellResult, mean_queue: float, seconds: float
             f"{others + result.errors} |")
 
 
-async def bench(workdir: Path, table_dir: Path, sizes: list[int], loads: list[int], seconds: float) -> None:
+def render_fleet_sizes(workdir: Path, table_dir: Path, boards: list[Board], sizes: list[int], balancers: int
+                       ) -> dict[int, list[RenderedBalancer]]:
+    """For each fleet size N, `balancers` nginx configs whose max_conns shares add up to a board's capacity.
+
+    Boards beyond N are drained (rendered `down`). With several balancers each size is rendered on its
+    own, so the balancers group holds exactly the balancers that share the boards. Conversation affinity
+    is on (the default), each balancer's table on tmpfs as in production (/run).
+    """
+    def variant(n: int, name: str) -> dict[str, object]:
+        return {"nginx_lb_drained_boards": [b.name for b in boards[n:]],
+                "nginx_lb_admission_shares": 1 if balancers == 1 else 0,
+                "nginx_lb_affinity_dir": str(table_dir / name)}
+
+    if balancers == 1:
+        rendered = render_balancers(workdir / "lb", boards, {f"n{n}": variant(n, f"n{n}") for n in sizes})
+        return {n: [rendered[f"n{n}"]] for n in sizes}
+    fleets = {}
+    for n in sizes:
+        names = [f"n{n}lb{i}" for i in range(1, balancers + 1)]
+        rendered = render_balancers(workdir / f"lb{n}", boards, {name: variant(n, name) for name in names})
+        fleets[n] = [rendered[name] for name in names]
+    return fleets
+
+
+async def bench(workdir: Path, table_dir: Path, sizes: list[int], loads: list[int], seconds: float,
+                balancers: int) -> None:
     largest = max(sizes)
     fleet = {f"b{i + 1}": [PACED, FLAT] for i in range(largest)}
     library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
     with running_boards(workdir / "boards", library, fleet) as started:
         boards = list(started.values())
-        # One render for every fleet size: boards beyond N are drained (rendered `down`). Conversation
-        # affinity is on (the default), its table on tmpfs as in production (/run).
-        variants: dict[str, dict[str, object]] = {
-            f"n{n}": {"nginx_lb_drained_boards": [b.name for b in boards[n:]],
-                      "nginx_lb_affinity_dir": str(table_dir / f"n{n}")} for n in sizes
+        rendered = render_fleet_sizes(workdir, table_dir, boards, sizes, balancers)
+        # The affinity overhead is measured on one balancer in front of the whole fleet, on and off.
+        overhead_variants: dict[str, dict[str, object]] = {
+            "affinity": {"nginx_lb_affinity_dir": str(table_dir / "overhead")},
+            "no_affinity": {"nginx_lb_conversation_affinity": False},
         }
-        variants["no_affinity"] = {"nginx_lb_conversation_affinity": False}
-        rendered: dict[str, RenderedBalancer] = render_balancers(workdir / "lb", boards, variants)
+        single = render_balancers(workdir / "overhead", boards, overhead_variants)
+        print(f"{balancers} balancer(s)\n")
         print("| boards | load | tokens/s | ideal | of ideal | TTFT p50 ms | TTFT p95 ms | "
               "queue wait mean ms | 200 | 503 | errors |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for n in sizes:
-            with running_nginx(rendered[f"n{n}"]) as base:
+            with ExitStack() as stack:
+                bases = [stack.enter_context(running_nginx(balancer)) for balancer in rendered[n]]
                 for load in loads:
-                    result, mean_queue = await run_cell(base, boards[:n], n * load, seconds)
+                    result, mean_queue = await run_cell(bases, boards[:n], n * load, seconds)
                     print(row(n, load, result, mean_queue, seconds), flush=True)
         # Alternating rounds, so that load from elsewhere on the machine hits both configurations alike.
         # The same requests every round: the first round's are new conversations, later ones return.
-        added: dict[str, list[float]] = {f"n{largest}": [], "no_affinity": []}
+        added: dict[str, list[float]] = {"affinity": [], "no_affinity": []}
         cpu: dict[str, float] = dict.fromkeys(added, 0.0)
         pairs = 40
         for _ in range(3):
             for variant, values in added.items():
-                with running_nginx(rendered[variant]) as base:
-                    cpu_before = worker_cpu_seconds(rendered[variant])
+                with running_nginx(single[variant]) as base:
+                    cpu_before = worker_cpu_seconds(single[variant])
                     direct, proxied, difference = await nginx_added_ttft(base, boards[0], pairs)
-                    cpu[variant] += worker_cpu_seconds(rendered[variant]) - cpu_before
+                    cpu[variant] += worker_cpu_seconds(single[variant]) - cpu_before
                     values.append(difference)
         on, off = (statistics.median(added[v]) * 1000 for v in added)
         cpu_on, cpu_off = (cpu[v] / (3 * (pairs + 5)) * 1e6 for v in added)
@@ -231,10 +262,13 @@ def main() -> None:
     parser.add_argument("--boards", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--loads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement window per cell")
+    parser.add_argument("--balancers", type=int, default=1, choices=[1, 2, 3],
+                        help="nginx instances sharing the boards, clients spread over them")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-balancer-") as tmp, \
             tempfile.TemporaryDirectory(prefix="bench-balancer-", dir=TMPFS) as table:
-        asyncio.run(bench(Path(tmp), Path(table), sorted(args.boards), args.loads, args.seconds))
+        asyncio.run(bench(Path(tmp), Path(table), sorted(args.boards), args.loads, args.seconds,
+                          args.balancers))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ Modes (all print one JSON document on stdout):
   batch N         N concurrent non-streaming requests
   continuous      --concurrency C streaming clients back to back until --seconds elapse (or --stop-file
                   appears); one record per request: start/end wall-clock time, status, retry_after, error
+  openai-continuous, ollama-continuous
+                  the same with the official openai client (its default retries) or ollama client,
+                  non-streaming; a record's error is what the client raised
+  ollama-batch    --count N concurrent chats with the official ollama client; status per request
+  probe           GET /healthz every 20 ms until --seconds or --stop-file; the times it answered
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -86,10 +93,85 @@ async def continuous(base: str, model: str, concurrency: int, seconds: float, ma
     return {"records": records}
 
 
+# Generous for one request, short enough that a request stuck on a vanished balancer ends the test.
+SDK_TIMEOUT_S = 30.0
+
+
+def openai_chat(base: str, model: str, max_tokens: int) -> Callable[[int], None]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=SDK_TIMEOUT_S)
+
+    def chat(n: int) -> None:
+        client.chat.completions.create(model=model, max_tokens=max_tokens,
+                                       messages=[{"role": "user", "content": f"fleet load request {n}"}])
+    return chat
+
+
+def ollama_chat(base: str, model: str, max_tokens: int) -> Callable[[int], None]:
+    import ollama
+
+    client = ollama.Client(host=base, timeout=SDK_TIMEOUT_S)
+
+    def chat(n: int) -> None:
+        client.chat(model=model, options={"num_predict": max_tokens},
+                    messages=[{"role": "user", "content": f"fleet load request {n}"}])
+    return chat
+
+
+def timed(call: Callable[[int], None], n: int) -> dict[str, object]:
+    record: dict[str, object] = {"start": time.time()}
+    try:
+        call(n)
+        record["status"] = 200
+    except Exception as exc:  # the record names whatever the client raised
+        record["status"] = getattr(exc, "status_code", None)
+        record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    record["end"] = time.time()
+    return record
+
+
+def sdk_continuous(call: Callable[[int], None], concurrency: int, seconds: float,
+                   stop_file: Path | None) -> dict[str, object]:
+    deadline = time.monotonic() + seconds
+
+    def worker(worker_id: int) -> list[dict[str, object]]:
+        records, n = [], 0
+        while time.monotonic() < deadline and not (stop_file and stop_file.exists()):
+            n += 1
+            records.append(timed(call, worker_id * 1_000_000 + n))
+        return records
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        per_worker = list(pool.map(worker, range(concurrency)))
+    return {"records": sorted((r for records in per_worker for r in records), key=lambda r: r["start"])}
+
+
+def sdk_batch(call: Callable[[int], None], count: int) -> dict[str, object]:
+    with ThreadPoolExecutor(count) as pool:
+        return {"records": list(pool.map(lambda n: timed(call, n), range(count)))}
+
+
+def probe(base: str, seconds: float, stop_file: Path | None) -> dict[str, object]:
+    deadline = time.monotonic() + seconds
+    answered: list[float] = []
+    with httpx.Client(timeout=httpx.Timeout(0.3)) as client:
+        while time.monotonic() < deadline and not (stop_file and stop_file.exists()):
+            try:
+                # A new connection each time: a client's next request finds whichever balancer holds it.
+                if client.get(f"{base}/healthz", headers={"Connection": "close"}).status_code == 200:
+                    answered.append(time.time())
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+    return {"answered": answered}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("base")
-    parser.add_argument("mode", choices=["openai-stream", "batch", "continuous"])
+    parser.add_argument("mode", choices=["openai-stream", "batch", "continuous", "openai-continuous",
+                                         "ollama-continuous", "ollama-batch", "probe"])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--count", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=8)
@@ -100,6 +182,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "openai-stream":
         result = openai_stream(args.base, args.model)
+    elif args.mode in ("openai-continuous", "ollama-continuous"):
+        sdk = openai_chat if args.mode.startswith("openai") else ollama_chat
+        result = sdk_continuous(sdk(args.base, args.model, args.max_tokens), args.concurrency, args.seconds,
+                                args.stop_file)
+    elif args.mode == "ollama-batch":
+        result = sdk_batch(ollama_chat(args.base, args.model, args.max_tokens), args.count)
+    elif args.mode == "probe":
+        result = probe(args.base, args.seconds, args.stop_file)
     elif args.mode == "batch":
         result = asyncio.run(batch(args.base, args.model, args.count, args.max_tokens, args.stream))
     else:

@@ -39,11 +39,12 @@ BASE_PACKAGES = (
     "acl",
 )
 # The monitoring role's packages: node_exporter everywhere, and the balancer doubles as the monitor host
-# (Prometheus + promtool). amd64 balancer, so only node_exporter is ever installed under qemu.
+# (Prometheus + promtool); keepalived for the balancer_vip role. amd64 balancer, so only node_exporter is
+# ever installed under qemu.
 LAYER_PACKAGES = {
     "board": ("prometheus-node-exporter",),
-    "balancer": ("nginx", "libnginx-mod-http-js", "prometheus-node-exporter", "prometheus-nginx-exporter",
-                 "prometheus", "prometheus-alertmanager"),
+    "balancer": ("nginx", "libnginx-mod-http-js", "keepalived", "prometheus-node-exporter",
+                 "prometheus-nginx-exporter", "prometheus", "prometheus-alertmanager"),
 }
 # Installing these enables them; they stay off until the monitoring role turns them on, so hosts that
 # are not monitored boot and run as before.

@@ -30,9 +30,16 @@ DEFAULT_RUN_ROOT = Path("/var/tmp/rkllm-fleet")
 BALANCER_ARCH = "amd64"
 BALANCER_NAME = "balancer1"
 PREFIX_MAX = 9
+# balancer1 .5, balancer2 .6, ... up to .9; the boards start at .11.
 BALANCER_HOST_NUMBER = 5
+MAX_BALANCERS = 5
+# The address keepalived moves between the balancers (only with two or more).
+VIRTUAL_HOST_NUMBER = 3
 CLIENT_HOST_NUMBER = 4
 FIRST_BOARD_HOST_NUMBER = 10
+# keepalived priorities: balancer1 is the preferred master, each next one a step below.
+TOP_VRRP_PRIORITY = 150
+VRRP_PRIORITY_STEP = 10
 
 
 def default_prefix() -> str:
@@ -59,6 +66,7 @@ class FleetState:
     prefix: str
     arch: str
     subnet: str
+    balancers: int = 1
     mirror_url: str = ""
     mirror_pid: int | None = None
     inventory: str = ""
@@ -109,11 +117,31 @@ class Fleet:
 
     @property
     def boards(self) -> list[Host]:
-        return [h for name, h in self.hosts.items() if name != BALANCER_NAME]
+        return [h for name, h in self.hosts.items() if name.startswith("board")]
 
     @property
     def balancer(self) -> Host:
+        """balancer1: the preferred VRRP master and the monitor host."""
         return self.hosts[BALANCER_NAME]
+
+    @property
+    def balancers(self) -> list[Host]:
+        return [h for name, h in self.hosts.items() if name.startswith("balancer")]
+
+    @property
+    def virtual_address(self) -> str | None:
+        """The address keepalived floats between the balancers; None with a single balancer."""
+        return _host_address(self.state.subnet, VIRTUAL_HOST_NUMBER) if self.state.balancers > 1 else None
+
+    def virtual_address_holders(self) -> list[str]:
+        """Balancers whose eth0 carries the virtual address right now (one, unless VRRP is split)."""
+        return [h.name for h in self.balancers if h.is_running() and f" {self.virtual_address}/" in
+                h.exec(["ip", "-o", "-4", "addr", "show", "dev", "eth0"], check=False).stdout]
+
+    @property
+    def endpoint_address(self) -> str:
+        """Where clients send requests: the virtual address, or the only balancer's own."""
+        return self.virtual_address or self.balancer.address
 
     def board(self, name: str) -> Host:
         if name not in self.hosts:
@@ -131,7 +159,7 @@ class Fleet:
         return cls(state, run_dir)
 
     @classmethod
-    def up(cls, *, arch: str = "arm64", boards: int = 3, prefix: str | None = None,
+    def up(cls, *, arch: str = "arm64", boards: int = 3, balancers: int = 1, prefix: str | None = None,
            inventory_dir: Path | None = None, board_driver: Sequence[str] = (),
            board_ram: Sequence[str] = (), mirror_sources: mirror.MirrorSources | None = None) -> Fleet:
         """Build/reuse images, create the network, boot all hosts in parallel, write the inventory.
@@ -142,6 +170,8 @@ class Fleet:
         _check_prefix(prefix)
         if not 1 <= boards <= 99:
             raise SimError("--boards must be between 1 and 99")
+        if not 1 <= balancers <= MAX_BALANCERS:
+            raise SimError(f"--balancers must be between 1 and {MAX_BALANCERS}")
         hardware = fixtures.board_hardware(boards, fixtures.parse_overrides(list(board_driver), boards),
                                            fixtures.parse_overrides(list(board_ram), boards))
         sources = mirror_sources or mirror.MirrorSources.from_repo(arch)
@@ -150,7 +180,7 @@ class Fleet:
             raise SimError(f"fleet {prefix} already exists: run `python3 -m tests.fleet.sim down` first")
         run_dir.mkdir(parents=True)
         subnet = network.choose_subnet(prefix)
-        fleet = cls(FleetState(prefix=prefix, arch=arch, subnet=str(subnet)), run_dir)
+        fleet = cls(FleetState(prefix=prefix, arch=arch, subnet=str(subnet), balancers=balancers), run_dir)
         fleet.state.save(run_dir)
         try:
             fleet._create(boards, hardware, sources, inventory_dir or REPO_ROOT / "inventory/sim")
@@ -173,7 +203,8 @@ class Fleet:
         self._start_mirror(sources)
         specs = [self._spec(f"board{i}", f"b{i}", FIRST_BOARD_HOST_NUMBER + i, board_image)
                  for i in range(1, boards + 1)]
-        specs.append(self._spec(BALANCER_NAME, "lb", BALANCER_HOST_NUMBER, balancer_image))
+        specs += [self._spec(f"balancer{i}", "lb" if i == 1 else f"lb{i}", BALANCER_HOST_NUMBER + i - 1,
+                             balancer_image) for i in range(1, self.state.balancers + 1)]
         self.state.hosts = specs
         self.state.save(self.run_dir)
         self.hosts = {spec.name: Host(spec, self.ssh_key) for spec in specs}
@@ -181,7 +212,8 @@ class Fleet:
                                  _host_interface(self.state.subnet, CLIENT_HOST_NUMBER))
         for index, host in enumerate(self.boards, start=1):
             self._prepare(host, hardware[index].files(), hardware[index].symlinks())
-        self._prepare(self.balancer, {}, {})
+        for balancer in self.balancers:
+            self._prepare(balancer, {}, {})
         self.state.boot_seconds = self._boot(list(self.hosts.values()))
         self.state.inventory = str(self._write_inventory(inventory_dir))
         self.state.save(self.run_dir)
@@ -266,12 +298,22 @@ class Fleet:
             "children": {
                 "rkllm_boards": {"hosts": {h.name: {"ansible_host": h.address} for h in self.boards},
                                  "vars": board_vars},
-                "rkllm_balancers": {"hosts": {BALANCER_NAME: {"ansible_host": self.balancer.address}}},
+                "rkllm_balancers": self._balancer_group(),
                 # The balancer doubles as the monitor host: its image holds Prometheus.
                 "rkllm_monitor": {"hosts": {BALANCER_NAME: {}}},
             },
         }}
         return write_inventory(directory, tree)
+
+    def _balancer_group(self) -> dict[str, Tree]:
+        if not self.virtual_address:
+            return {"hosts": {h.name: {"ansible_host": h.address} for h in self.balancers}}
+        hosts: dict[str, Tree] = {
+            h.name: {"ansible_host": h.address,
+                     "balancer_vip_priority": TOP_VRRP_PRIORITY - i * VRRP_PRIORITY_STEP}
+            for i, h in enumerate(self.balancers)}
+        return {"hosts": hosts,
+                "vars": {"balancer_vip_address": self.virtual_address, "balancer_vip_interface": "eth0"}}
 
     def down(self) -> None:
         """Stop and delete everything of this prefix; safe on partial fleets and to repeat."""
@@ -304,6 +346,9 @@ class Fleet:
         lines = [f"fleet {self.prefix}: subnet {self.state.subnet}, board arch {self.state.arch}, "
                  f"mirror {self.state.mirror_url or '-'}, inventory {self.state.inventory or '-'}"]
         lines += [host.describe() for host in self.hosts.values()]
+        if self.virtual_address:
+            names = ", ".join(h.name for h in self.balancers)
+            lines.append(f"vip        {self.virtual_address:<15} keepalived on {names}")
         lines.append(f"client     {self.client_address:<15} netns: ip netns exec {self.client_netns} <cmd>")
         return lines
 
@@ -340,13 +385,15 @@ def _parser() -> argparse.ArgumentParser:
     up_cmd = command("up", "build/reuse rootfs, boot the fleet, write the inventory")
     up_cmd.add_argument("--arch", choices=rootfs.ARCHES, default="arm64")
     up_cmd.add_argument("--boards", type=int, default=3)
+    up_cmd.add_argument("--balancers", type=int, default=2,
+                        help="balancers behind one virtual address (1: a single balancer, no keepalived)")
     up_cmd.add_argument("--inventory", type=Path, help="inventory dir (default inventory/sim)")
     up_cmd.add_argument("--board-driver", action="append", default=[], metavar="bN=VERSION")
     up_cmd.add_argument("--board-ram", action="append", default=[], metavar="bN=MIB")
     command("down", "remove everything of this prefix")
     command("status", "list hosts, addresses, state")
     for verb in ("restart-board", "stop-board", "start-board"):
-        command(verb, f"{verb.split('-')[0]} one host (board1.., balancer1)").add_argument("name")
+        command(verb, f"{verb.split('-')[0]} one host (board1.., balancer1..)").add_argument("name")
     build = command("build", "only build (or reuse) the rootfs images")
     build.add_argument("--arch", choices=rootfs.ARCHES, default="arm64")
     return parser
@@ -358,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             start = time.monotonic()
-            fleet = Fleet.up(arch=args.arch, boards=args.boards, prefix=prefix,
+            fleet = Fleet.up(arch=args.arch, boards=args.boards, balancers=args.balancers, prefix=prefix,
                              inventory_dir=args.inventory, board_driver=args.board_driver,
                              board_ram=args.board_ram)
             print("\n".join(fleet.status_lines()))

@@ -35,7 +35,7 @@ def _sources(directory: Path) -> MirrorSources:
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     prefix = f"rt{os.getpid() % 0x10000:04x}"
     base = tmp_path_factory.mktemp("fleet")
-    started = Fleet.up(arch="amd64", boards=2, prefix=prefix, inventory_dir=base / "inventory",
+    started = Fleet.up(arch="amd64", boards=2, balancers=2, prefix=prefix, inventory_dir=base / "inventory",
                        board_driver=["b2=0.9.6"], board_ram=["board2=8192"],
                        mirror_sources=_sources(base / "artefacts"))
     try:
@@ -63,7 +63,7 @@ def test_ansible_reaches_every_host_over_ssh(fleet: Fleet) -> None:
                              "-m", "ansible.builtin.ping", "-o"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("board1", "board2", "balancer1"):
+    for name in ("board1", "board2", "balancer1", "balancer2"):
         assert f'{name} | SUCCESS => {{"changed": false,"ping": "pong"}}' in result.stdout.replace(
             ", ", ",").replace("  ", " ")
 
@@ -100,7 +100,16 @@ def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
     assert set(boards["hosts"]) == {"board1", "board2"}
     assert boards["vars"]["rknpu_driver_require_aarch64"] is False
     assert boards["vars"]["rknpu_driver_debugfs_dir"] == "/srv/fixtures/rknpu"
-    assert set(inventory["children"]["rkllm_balancers"]["hosts"]) == {"balancer1"}
+    balancers = inventory["children"]["rkllm_balancers"]
+    assert balancers["hosts"] == {
+        "balancer1": {"ansible_host": fleet.balancer.address, "balancer_vip_priority": 150},
+        "balancer2": {"ansible_host": fleet.board("balancer2").address, "balancer_vip_priority": 140}}
+    assert fleet.board("balancer2").address.endswith(".6")
+    # The virtual address sits on the bridge subnet, outside every host's own address.
+    assert balancers["vars"] == {"balancer_vip_address": fleet.virtual_address,
+                                 "balancer_vip_interface": "eth0"}
+    assert fleet.endpoint_address == fleet.virtual_address
+    assert fleet.virtual_address and fleet.virtual_address.endswith(".3")
     assert set(inventory["children"]["rkllm_monitor"]["hosts"]) == {"balancer1"}
     variables = inventory["vars"]
     assert variables["rkllm_lib_sha256"] == hashlib.sha256(LIBRARY_BYTES).hexdigest()
@@ -111,7 +120,8 @@ def test_inventory_points_roles_at_fixtures_and_mirror(fleet: Fleet) -> None:
 
 def test_monitoring_packages_are_preinstalled_and_left_off(fleet: Fleet) -> None:
     installed = {"board1": ["prometheus-node-exporter"],
-                 "balancer1": ["prometheus-node-exporter", "prometheus-nginx-exporter", "prometheus"]}
+                 "balancer1": ["prometheus-node-exporter", "prometheus-nginx-exporter", "prometheus"],
+                 "balancer2": ["prometheus-node-exporter", "prometheus-nginx-exporter", "prometheus"]}
     for name, packages in installed.items():
         host = fleet.board(name)
         status = host.exec(["dpkg-query", "-W", "-f=${Status}\n", *packages]).stdout
@@ -119,6 +129,10 @@ def test_monitoring_packages_are_preinstalled_and_left_off(fleet: Fleet) -> None
         enabled = host.exec(["systemctl", "is-enabled", *packages], check=False).stdout
         assert enabled == "disabled\n" * len(packages), f"{name}: {enabled}"
     assert fleet.balancer.exec(["promtool", "--version"]).returncode == 0
+    # keepalived is installed for the balancer_vip role; with no configuration yet it does not run.
+    for balancer in fleet.balancers:
+        assert balancer.exec(["keepalived", "--version"]).returncode == 0
+        assert balancer.exec(["systemctl", "is-active", "keepalived"], check=False).stdout != "active\n"
 
 
 def test_board_fixtures_follow_overrides(fleet: Fleet) -> None:
@@ -141,10 +155,11 @@ def test_hosts_reach_each_other_and_the_mirror(fleet: Fleet) -> None:
     assert fetched == f"{hashlib.sha256(LIBRARY_BYTES).hexdigest()}  librkllmrt.so\n"
 
 
-def test_client_namespace_reaches_balancer_nginx(fleet: Fleet) -> None:
-    reply = fleet.client_exec(["curl", "-sS", "-m5", "-o", "/dev/null", "-w", "%{http_code}",
-                               f"http://{fleet.balancer.address}/"])
-    assert reply.stdout == "200"
+def test_client_namespace_reaches_every_balancer_nginx(fleet: Fleet) -> None:
+    for balancer in fleet.balancers:
+        reply = fleet.client_exec(["curl", "-sS", "-m5", "-o", "/dev/null", "-w", "%{http_code}",
+                                   f"http://{balancer.address}/"])
+        assert reply.stdout == "200", balancer.name
 
 
 def test_restart_keeps_installed_files(fleet: Fleet) -> None:

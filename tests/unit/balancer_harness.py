@@ -88,6 +88,10 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
             "nginx_lb_status_port": status_port,
             "nginx_lb_user": "root",
             "nginx_lb_worker_processes": 2,
+            # Each variant is a balancer of its own, not one of several sharing the boards, and Ollama
+            # requests get the 503 at once unless a test is about their wait.
+            "nginx_lb_admission_shares": 1,
+            "nginx_lb_ollama_wait_seconds": 0,
             **role_vars,
         }
         rendered[variant] = RenderedBalancer(prefix=prefix, conf=prefix / "nginx.conf", port=port,

@@ -43,7 +43,7 @@ EXAMPLE_INVENTORY = "inventory/production.example"
 BIN = Path(sys.executable).parent
 COLLECTOR = "roles/monitoring/templates/rknpu-textfile-collector.sh.j2"
 ROLE_PREFIXES = ("rknpu_driver", "rkllm_lib", "rkllm_models", "rkllm_server", "rkllm_convert",
-                 "nginx_lb", "fleet_firewall", "monitoring")
+                 "nginx_lb", "fleet_firewall", "monitoring", "balancer_vip")
 # Playbook-level knobs (not role variables), checked against the playbooks themselves.
 PLAYBOOK_PREFIXES = ("rolling_update", "bench")
 CONNECTION_VARS = {"ansible_host", "ansible_user", "ansible_port", "ansible_python_interpreter",

@@ -34,7 +34,9 @@ def render_tables(out: Path) -> dict[str, Path]:
     """Run the role's render tasks (with its `nft -c -f` validate) for a board, a balancer and two
     monitor hosts (one per address family, so both reach the monitor sets from the inventory)."""
     inventory = {"all": {"children": {
-        "rkllm_balancers": {"hosts": {"lb": {**local_host(), "ansible_host": BALANCER_V4}}},
+        # lb2 is the board namespace's address toward lb: its table is applied there to try VRRP.
+        "rkllm_balancers": {"hosts": {"lb": {**local_host(), "ansible_host": BALANCER_V4},
+                                      "lb2": {**local_host(), "ansible_host": BOARD_BAL_V4}}},
         "rkllm_boards": {"hosts": {"board": {**local_host(), "ansible_host": BOARD_BAL_V4,
                                              "rkllm_server_port": SERVING_PORT}}},
         "rkllm_monitor": {"hosts": {"mon4": {**local_host(), "ansible_host": MONITOR_V4},
@@ -51,7 +53,7 @@ def render_tables(out: Path) -> dict[str, Path]:
         "fleet_firewall_ssh_port": SSH_PORT,
     }
     run_role_tasks(out, inventory, variables, role="fleet_firewall", tasks_from="render", hosts="all")
-    return {name: out / f"{name}.nft" for name in ("board", "lb", "mon4")}
+    return {name: out / f"{name}.nft" for name in ("board", "lb", "lb2", "mon4")}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,11 @@ def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str
     # The balancer also runs the nginx exporter.
     assert f"tcp dport {{ {NODE_EXPORTER_PORT}, 9113 }} ip saddr @monitor_v4 accept" in balancer
     assert f"tcp dport {{ {NODE_EXPORTER_PORT}, 9113 }} counter drop" in balancer
+    # VRRP only from the other balancers: lb's peer is lb2 and the other way round.
+    assert f"elements = {{ {BOARD_BAL_V4} }}" in balancer.split("set vrrp_v4")[1].split("}")[0] + "}"
+    assert "meta l4proto 112 ip saddr @vrrp_v4 accept" in balancer
+    assert "meta l4proto 112 counter drop" in balancer
+    assert "vrrp" not in board
     # A monitor host that is neither board nor balancer: SSH and its own node_exporter only.
     monitor = tables["mon4"].read_text()
     assert "serving_v4" not in monitor and "dport { 80, 443 }" not in monitor
@@ -214,3 +221,31 @@ def test_monitor_hosts_from_the_inventory_reach_metrics_and_exporters_others_do_
     # The balancer may serve requests, not scrape the exporters.
     assert not _reaches(balancer, BOARD_BAL_V4, NODE_EXPORTER_PORT)
     assert _reaches(board_listening["board"], "127.0.0.1", NODE_EXPORTER_PORT)
+
+
+def _send_vrrp(ns: str, destination: str) -> None:
+    """One IPv4 packet of protocol 112 (a VRRP advertisement's envelope) from namespace ns."""
+    code = ("import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)\n"
+            f"s.sendto(bytes(20), ({destination!r}, 0))\n")
+    _in(ns, sys.executable, "-c", code)
+
+
+def _vrrp_drops(ns: str) -> int:
+    ruleset = _in(ns, "nft", "list", "chain", "inet", "rkllm_fleet", "input").stdout
+    # nft names protocol 112 "vrrp" when /etc/protocols knows it.
+    line = next(line for line in ruleset.splitlines()
+                if "counter" in line and ("l4proto vrrp " in line or "l4proto 112 " in line))
+    return int(line.split("packets")[1].split()[0])
+
+
+def test_balancer_accepts_vrrp_only_from_the_other_balancers(
+    tables: dict[str, Path], fleet_net: dict[str, str],
+) -> None:
+    # The board namespace plays balancer lb2: lb (the balancer namespace) is its only peer.
+    lb2 = fleet_net["board"]
+    _apply(lb2, tables["lb2"])
+    _send_vrrp(fleet_net["balancer"], BOARD_BAL_V4)
+    assert _vrrp_drops(lb2) == 0
+    _send_vrrp(fleet_net["client"], BOARD_CLI_V4)
+    assert _vrrp_drops(lb2) == 1

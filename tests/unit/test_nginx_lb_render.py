@@ -157,7 +157,7 @@ def test_rendered_config_is_valid_and_complete(balancer: RenderedBalancer) -> No
                       "proxy_next_upstream error timeout http_503 non_idempotent;",
                       # 5 of the board's 9 in the least_conn upstreams, 4 in its home (conversation affinity).
                       " max_conns=5",
-                      "error_page 502 504 =503 @rkllm_busy;"):
+                      "error_page 502 504 = @rkllm_busy;"):
         assert directive in conf
     declared = re.search(r"const routes = (\{.*\});", balancer.js.read_text())
     assert declared is not None
