@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from rkllm_runtime.api import ollama, openai
+from rkllm_runtime.api import embeddings, ollama, openai
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
@@ -67,6 +67,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     app.state.watchdog = watchdog
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(embeddings.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
