@@ -359,7 +359,10 @@ class Scheduler:
             queue_seconds = await ticket.wait()
             self.metrics.queue_time.labels(model_name).observe(queue_seconds)
             was_loaded = self.registry.get(model_name) is not None
-            model = await self.registry.ensure(model_name)
+            try:
+                model = await self.registry.ensure(model_name)
+            except RkllmError as exc:  # e.g. a fresh handle refusing its chat template: nothing ran
+                raise ModelUnavailableError(str(exc)) from exc
             slot = choose_embedding_slot(model)
             self._occupy(model_name, slot)
             try:
