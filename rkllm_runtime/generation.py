@@ -183,6 +183,10 @@ class RequestRun:
         hidden_mode = self.request.infer_mode == "last_hidden_layer"
         if state == abi.LLMCallState.RKLLM_RUN_NORMAL and hidden_mode:
             self._copy_hidden_states(result.last_hidden_layer)
+            if self.hidden is not None:
+                # Nothing after the prompt's states is wanted: if the runtime went on to generate
+                # tokens in this mode, they would cost up to max_new_tokens decode steps.
+                return abi.CALLBACK_STOP
         elif state == abi.LLMCallState.RKLLM_RUN_NORMAL:
             self._on_token(result.text or b"", result.token_id)
         elif state == abi.LLMCallState.RKLLM_RUN_WAITING and not hidden_mode:

@@ -152,7 +152,8 @@ async def test_a_hidden_layer_run_generates_nothing_and_the_engine_generates_aft
     await embed_engine.last_hidden_layer("first text")
     (run,) = log_lines(double_log, "RUN")
     assert "mode=last_hidden_layer" in run and "keep_history=0" in run
-    assert "generated=0" in log_lines(double_log, "FINISH")[0]
+    # The binding pauses the runtime once it has the states: nothing is generated after them.
+    assert "reason=callback generated=0" in log_lines(double_log, "FINISH")[0]
     # The same handle still generates normally.
     tokens = [
         e async for e in embed_engine.generate(GenerationRequest(prompt="hi")) if isinstance(e, TokenEvent)

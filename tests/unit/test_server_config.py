@@ -60,7 +60,7 @@ def test_the_documented_format_loads(tmp_path):
     assert qwen.kv_slots == 2 and r1.kv_slots == 1, "one KV slot unless configured"
     assert config.template_for(custom).user == ("U:", "\n")
     assert config.routing.reasoning_keywords == ("why",)
-    assert embedder.kind == "embedding" and embedder.embedding_pooling == "last", "last token unless configured"
+    assert embedder.kind == "embedding" and embedder.embedding_pooling == "last", "last token by default"
     assert qwen.embedding_pooling == "last"
 
 
