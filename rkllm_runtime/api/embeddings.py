@@ -28,7 +28,7 @@ from rkllm_runtime.api.common import (
 )
 from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.config import ModelConfig, ServerConfig
-from rkllm_runtime.embedding import to_base64
+from rkllm_runtime.embedding import to_base64, to_json_array
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
 from rkllm_runtime.scheduler import (
@@ -156,8 +156,13 @@ async def embed_texts(request: Request, model: ModelConfig, texts: list[str]) ->
         ticket.release()  # idempotent; covers a task cancelled before it ever waited
 
 
-def _json(body: dict[str, Any]) -> Response:
-    return Response(dumps(body), media_type="application/json")
+def _json(text: str) -> Response:
+    return Response(text, media_type="application/json")
+
+
+def _object(fields: dict[str, str]) -> str:
+    """A JSON object from already-encoded values (vectors are encoded by to_json_array, not dumps)."""
+    return "{" + ",".join(f"{dumps(key)}:{value}" for key, value in fields.items()) + "}"
 
 
 @router.post("/v1/embeddings", response_model=None, openapi_extra=json_body(OpenAIEmbeddingRequest))
@@ -179,16 +184,20 @@ async def openai_embeddings(request: Request) -> Response:
     check_dimensions(request, model, body.dimensions, None)
     batch = await embed_texts(request, model, texts)
     check_dimensions(request, model, body.dimensions, len(batch.vectors[0]))
-    data = [
-        {
-            "object": "embedding",
-            "index": index,
-            "embedding": to_base64(vector) if encoding == "base64" else vector.tolist(),
-        }
+    data = ",".join(
+        _object(
+            {
+                "object": '"embedding"',
+                "index": str(index),
+                "embedding": dumps(to_base64(vector)) if encoding == "base64" else to_json_array(vector),
+            }
+        )
         for index, vector in enumerate(batch.vectors)
-    ]
+    )
     usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
-    return _json({"object": "list", "data": data, "model": model.name, "usage": usage})
+    return _json(
+        _object({"object": '"list"', "data": f"[{data}]", "model": dumps(model.name), "usage": dumps(usage)})
+    )
 
 
 @router.post("/api/embed", response_model=None, openapi_extra=json_body(OllamaEmbedRequest))
@@ -198,19 +207,21 @@ async def ollama_embed(request: Request) -> Response:
     model = embedding_model(scheduler_of(request).config, body.model)
     if body.input in ("", []):
         # Ollama answers an empty input with no embeddings (and no work).
-        return _json({"model": model.name, "embeddings": []})
+        return _json(dumps({"model": model.name, "embeddings": []}))
     texts = fit_context(model, input_texts(body.input, "input"), body.truncate, "input")
     check_dimensions(request, model, body.dimensions, None)
     batch = await embed_texts(request, model, texts)
     check_dimensions(request, model, body.dimensions, len(batch.vectors[0]))
     return _json(
-        {
-            "model": model.name,
-            "embeddings": [vector.tolist() for vector in batch.vectors],
-            "total_duration": int((time.monotonic() - started) * NS),
-            "load_duration": int(batch.load_seconds * NS),
-            "prompt_eval_count": batch.prompt_tokens,
-        }
+        _object(
+            {
+                "model": dumps(model.name),
+                "embeddings": "[" + ",".join(to_json_array(vector) for vector in batch.vectors) + "]",
+                "total_duration": str(int((time.monotonic() - started) * NS)),
+                "load_duration": str(int(batch.load_seconds * NS)),
+                "prompt_eval_count": str(batch.prompt_tokens),
+            }
+        )
     )
 
 
@@ -220,7 +231,7 @@ async def ollama_embeddings(request: Request) -> Response:
     body = await read_json(request, OllamaEmbeddingsRequest)
     model = embedding_model(scheduler_of(request).config, body.model)
     if not body.prompt:
-        return _json({"embedding": []})
+        return _json(dumps({"embedding": []}))
     texts = fit_context(model, [body.prompt], True, "prompt")
     batch = await embed_texts(request, model, texts)
-    return _json({"embedding": batch.vectors[0].tolist()})
+    return _json(_object({"embedding": to_json_array(batch.vectors[0])}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ctypes
+import json
 import math
 import struct
 import threading
@@ -23,6 +24,7 @@ import pytest
 from server_harness import QWEN, log_lines, model_entry, start_server, wait_until
 
 from rkllm_runtime.config import ModelConfig
+from rkllm_runtime.embedding import to_json_array
 from rkllm_runtime.engine import Engine, GenerationRequest, ModelParams, TokenEvent
 from rkllm_runtime.generation import RequestRun
 from rkllm_runtime.library import load_library
@@ -213,7 +215,9 @@ def test_base64_is_little_endian_float32_of_the_float_answer(embed_server) -> No
         encoded = http.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()["data"]
     for plain, packed in zip(floats, encoded, strict=True):
         raw = base64.b64decode(packed["embedding"])
-        assert list(struct.unpack(f"<{SIZE}f", raw)) == plain["embedding"]
+        # The float answer carries 9 significant digits: exactly the same float32 values.
+        as_float32 = struct.unpack(f"<{SIZE}f", struct.pack(f"<{SIZE}f", *plain["embedding"]))
+        assert struct.unpack(f"<{SIZE}f", raw) == as_float32
 
 
 @pytest.mark.parametrize(
@@ -381,3 +385,14 @@ async def test_pooled_vectors_are_computed_off_the_loop_for_long_mean_inputs(emb
     config = ModelConfig(name="m", path="/m", embedding_pooling="mean")
     vector = await asyncio.wait_for(pooled_vector(hidden, config), 10)
     assert close_to(vector.tolist(), expected_mean(text))
+
+
+def test_the_json_float_encoding_gives_every_float32_back_exactly() -> None:
+    import random
+    from array import array
+
+    generator = random.Random(7)
+    values = array("f", [generator.uniform(-1, 1) * 10 ** generator.randint(-12, 3) for _ in range(5000)])
+    values.extend([0.0, -0.0, 1.0, 3.4028234663852886e38, 1.401298464324817e-45])
+    decoded = array("f", json.loads(to_json_array(values)))
+    assert list(decoded) == list(values)  # -0.0 may come back as 0, equal in value
