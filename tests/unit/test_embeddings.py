@@ -12,8 +12,11 @@ import base64
 import ctypes
 import json
 import math
+import random
 import struct
 import threading
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import ollama
 import openai
 import pytest
 from server_harness import QWEN, log_lines, model_entry, start_server, wait_until
+from test_fuzz_api import fuzz_route
 
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.embedding import to_json_array
@@ -388,11 +392,25 @@ async def test_pooled_vectors_are_computed_off_the_loop_for_long_mean_inputs(emb
 
 
 def test_the_json_float_encoding_gives_every_float32_back_exactly() -> None:
-    import random
-    from array import array
-
     generator = random.Random(7)
     values = array("f", [generator.uniform(-1, 1) * 10 ** generator.randint(-12, 3) for _ in range(5000)])
     values.extend([0.0, -0.0, 1.0, 3.4028234663852886e38, 1.401298464324817e-45])
     decoded = array("f", json.loads(to_json_array(values)))
     assert list(decoded) == list(values)  # -0.0 may come back as 0, equal in value
+
+
+def test_fuzzed_embedding_requests_never_get_a_server_error(start_server, make_model, double_log) -> None:
+    server = start_server([model_entry(make_model, QWEN, embd_size=SIZE)])
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    with server.http() as http:
+        document = http.get("/openapi.json").json()
+        for path in ("/v1/embeddings", "/api/embed", "/api/embeddings"):
+            body = document["paths"][path]["post"]["requestBody"]
+            assert body["required"] and "$ref" not in str(body), path
+            fuzz_route(http, path, body["content"]["application/json"]["schema"], statuses, failures)
+        metrics = http.get("/metrics").text
+    assert failures == []
+    assert statuses[200] > 0 and statuses[400] > 0, statuses
+    assert 'rkllm_requests_rejected_total{model="",reason="internal"} 0.0' in metrics
+    assert log_lines(double_log, "VIOLATION") == []
