@@ -19,7 +19,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -222,7 +222,7 @@ class Engine:
             return abi.CALLBACK_STOP
 
     # --- generation -----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Yield TokenEvents then one FinishEvent; RunError if the runtime reported an error.
 
         Closing or cancelling the iterator early aborts the run and waits until rkllm_run has
@@ -317,15 +317,17 @@ class Engine:
                 if skip:
                     run.request_stop("abort")
                     return
+                handle = self._handle
+                assert handle is not None  # skip covers a closed handle; only close() clears it
                 try:
-                    status = self._library.run(self._handle, run.c_input, run.c_infer, key)
+                    status = self._library.run(handle, run.c_input, run.c_infer, key)
                 finally:
                     with self._state_lock:
                         self._active = None
                 if run.stop_reason is not None and not run.request.keep_history:
                     # Returning 1 pauses: the runtime keeps the KV cache so the run could resume,
                     # and a later single-turn run would continue from it. We never resume.
-                    self._library.clear_kv_cache(self._handle, True)
+                    self._library.clear_kv_cache(handle, True)
         except BaseException as exc:  # reported to the consumer, never lost on the worker thread
             error = exc
         finally:

@@ -30,7 +30,7 @@ SlotState = Literal["empty", "holding", "running"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # *_created series double every counter and histogram for no use on a dashboard.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 _LATENCY_BUCKETS = (
     0.001,

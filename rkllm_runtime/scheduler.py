@@ -16,7 +16,7 @@ import math
 import time
 from array import array
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +314,7 @@ class Scheduler:
 
     async def generate(
         self, ticket: Ticket, model_name: str, job: Job
-    ) -> AsyncIterator[Started | TokenEvent | FinishEvent]:
+    ) -> AsyncGenerator[Started | TokenEvent | FinishEvent, None]:
         """Wait for the turn, load the model, run; the turn is released when this generator ends."""
         slot: KvSlot | None = None
         try:
@@ -450,7 +450,7 @@ class Scheduler:
 
     async def _run(
         self, model: LoadedModel, slot: KvSlot, job: Job, plan: RunPlan
-    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         engine, name = slot.engine, model.config.name
         base = slot.kv_text
         slot.kv_text = ""  # unknown until this run completes cleanly
