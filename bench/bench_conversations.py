@@ -170,24 +170,26 @@ def cache_shares(conversations: list[list[Turn]]) -> tuple[float, float]:
             sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)))
 
 
-def row(kv_slots: int, n: int, conversations: int, routing: str, result: CellResult, moves: float) -> str:
-    complete = [turns for turns in result.turns if len(turns) == TURNS]
+def row(kv_slots: int, n: int, conversations: int, routing: str, result: CellResult, moves: float,
+        turns_wanted: int) -> str:
+    complete = [turns for turns in result.turns if len(turns) == turns_wanted]
     p50 = [statistics.median(turns[t].ttft for turns in complete) if complete else float("nan")
-           for t in range(TURNS)]
+           for t in range(turns_wanted)]
     share_all, share_later = cache_shares(complete)
     ttfts = " / ".join(f"{v * 1000:.0f}" for v in p50)
     return (f"| {kv_slots} | {conversations} ({conversations // n}N) | {routing} | {ttfts} | "
-            f"{p50[-1] / p50[0]:.2f} | {100 * share_all:.0f} % | {100 * share_later:.0f} % | {moves:.2f} | "
+            f"{p50[TURNS - 1] / p50[0]:.2f} | {100 * share_all:.0f} % | {100 * share_later:.0f} % | "
+            f"{moves:.2f} | "
             f"{result.refused} | {result.errors + conversations - len(complete)} | {result.seconds:.0f} |")
 
 
-async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], slot_counts: list[int]
-                ) -> None:
+async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], slot_counts: list[int],
+                turns: int) -> None:
     library = REPO_ROOT / "build" / "host" / "librkllmrt.so"
-    print(f"{n} boards; TTFT p50 ms of turns 1-{TURNS}; 'moves' = turns answered by another board than "
+    print(f"{n} boards; TTFT p50 ms of turns 1-{turns}; 'moves' = turns answered by another board than "
           "the conversation's previous turn, per conversation")
-    print(f"| kv_slots | conversations | routing | TTFT p50 ms, turns 1-{TURNS} | turn {TURNS} / turn 1 | "
-          "from cache, all turns | from cache, turns 2-8 | moves | 503 | errors | cell s |")
+    print(f"| kv_slots | conversations | routing | TTFT p50 ms, turns 1-{turns} | turn {TURNS} / turn 1 | "
+          f"from cache, all turns | from cache, turns 2-{turns} | moves | 503 | errors | cell s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kv_slots in slot_counts:
         fleet = {f"b{i + 1}": [qwen(kv_slots)] for i in range(n)}
@@ -205,9 +207,9 @@ async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], sl
                     with running_nginx(balancer) as base:
                         offset = len(access_log(balancer))
                         cell = f"{kv_slots}-{multiple}-{routing}"
-                        result = await run_cell(base, cell, n * multiple)
+                        result = await run_cell(base, cell, n * multiple, turns=turns)
                         moves = moves_per_conversation(access_log(balancer)[offset:])
-                    print(row(kv_slots, n, n * multiple, routing, result, moves), flush=True)
+                    print(row(kv_slots, n, n * multiple, routing, result, moves, turns), flush=True)
 
 
 async def against(base: str, model: str, conversations: int, turns: int) -> None:
@@ -227,14 +229,16 @@ def main() -> None:
     parser.add_argument("--kv-slots", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--against", metavar="URL", help="drive an existing fleet instead; prints JSON")
     parser.add_argument("--model", default="Qwen2.5-1.5B-Instruct", help="with --against")
-    parser.add_argument("--turns", type=int, default=TURNS, help="with --against")
+    parser.add_argument("--turns", type=int, default=TURNS,
+                        help=f"turns per conversation, at least {TURNS} (turn {TURNS} / turn 1 is reported)")
     args = parser.parse_args()
     if args.against:
         asyncio.run(against(args.against, args.model, args.boards * args.conversations[0], args.turns))
         return
     with tempfile.TemporaryDirectory(prefix="bench-conversations-") as tmp, \
             tempfile.TemporaryDirectory(prefix="bench-conversations-", dir=TMPFS) as table:
-        asyncio.run(bench(Path(tmp), Path(table), args.boards, args.conversations, args.kv_slots))
+        asyncio.run(bench(Path(tmp), Path(table), args.boards, args.conversations, args.kv_slots,
+                          max(TURNS, args.turns)))
 
 
 if __name__ == "__main__":
