@@ -336,11 +336,12 @@ def test_server_upgrade_rolls_back_under_load(fleet: Fleet, tmp_path: Path) -> N
 
 
 def canary_library(fleet: Fleet) -> tuple[str, str]:
-    """Another runtime release on the mirror: the double's library with a trailing byte (a loader
-    ignores it), so its checksum differs. Returns its URL and sha256."""
+    """Another runtime release on the mirror: the double's library with trailing bytes (a loader
+    ignores them) unique to this fleet, so the controller's cache has not seen it. Returns its URL
+    and sha256."""
     variables = yaml.safe_load(fleet.inventory_path.read_text())["all"]["vars"]
     with urllib.request.urlopen(variables["rkllm_lib_url"], timeout=30) as response:
-        library = response.read() + b"\0"
+        library = response.read() + f"\0{fleet.prefix} {time.time_ns()}".encode()
     path = fleet.run_dir / "mirror" / "canary" / "librkllmrt.so"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(library)
