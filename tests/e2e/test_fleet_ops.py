@@ -5,10 +5,10 @@ no-ops here and everything else (exporters, the rknpu collector timer, Prometheu
 is applied for real. The test reads that Prometheus through an SSH tunnel: every target up, the
 NPU textfile reaching it, RkllmBoardDown firing when board2's server stops and clearing when it is
 back. rkllm-bench (ansible/benchmark.yml) flags board2, whose double decodes below 80 % of the
-catalog speed. Day-2 runs under a continuous streaming client: a changed server setting re-run with
-site.yml restarts the boards one batch at a time and fails no request; a server upgrade rolled back
-with ansible/rollback.yml; a canary board pinned to another runtime library with --limit, then the
-whole fleet, where nothing restarts."""
+catalog speed. Day-2 runs under a continuous streaming client: site.yml re-run with a changed server
+setting and a new server build restarts the boards one batch at a time and fails no request, and
+ansible/rollback.yml returns them to the old build; a canary board pinned to another runtime library
+with --limit, then the whole fleet, where nothing restarts."""
 
 from __future__ import annotations
 
@@ -288,51 +288,54 @@ def restart_times(fleet: Fleet) -> dict[str, float]:
     return {b: int(server_unit(fleet, b, "ActiveEnterTimestampMonotonic")[0]) / 1e6 for b in BOARDS}
 
 
-def test_changed_setting_restarts_the_boards_a_batch_at_a_time_under_load(fleet: Fleet,
-                                                                          tmp_path: Path) -> None:
-    pids, balancer = server_pids(fleet), nginx_processes(fleet)
-    with (fleet.inventory_path.parent / "group_vars/rkllm_boards.yml").open("a") as group_vars:
-        group_vars.write("rkllm_server_max_body_bytes: 2097152\n")
-    started = time.monotonic()
-    with streaming_clients(fleet, tmp_path) as stop:
-        run = playbook(fleet, "site.yml")
-        failed = stop()
-    restarted = restart_times(fleet)
-    order = sorted(BOARDS, key=restarted.__getitem__)
-    first = restarted[order[0]]
-    print(f"site.yml with a changed setting in {time.monotonic() - started:.0f}s; batches (server started, "
-          f"seconds after the first): " + ", ".join(f"{b} +{restarted[b] - first:.1f}" for b in order))
-    assert failed == [], failed[:3]
-    assert all(server_pids(fleet)[b] != pids[b] for b in BOARDS)
-    # One board per batch: each started only after the previous one was back and rejoined (6 s).
-    assert all(restarted[b] - restarted[a] >= 6 for a, b in itertools.pairwise(order)), restarted
-    assert nginx_processes(fleet) == balancer, "the balancer was not reloaded"
-    config = fleet.board("board1").exec(["cat", "/etc/rkllm-server/config.toml"]).stdout
-    assert "max_body_bytes = 2097152" in config
-    assert "restart due for config.toml" in run.stdout
-
-
-def test_server_upgrade_rolls_back_under_load(fleet: Fleet, tmp_path: Path) -> None:
-    source = tmp_path / "server-0.1.1"
-    source.mkdir()
-    shutil.copytree(REPO_ROOT / "rkllm_runtime", source / "rkllm_runtime",
+def server_copy(directory: Path, version: str) -> Path:
+    """The server's sources at another package version (not a git checkout)."""
+    directory.mkdir()
+    shutil.copytree(REPO_ROOT / "rkllm_runtime", directory / "rkllm_runtime",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO_ROOT / "requirements", source / "requirements")
-    (source / "pyproject.toml").write_text(
-        (REPO_ROOT / "pyproject.toml").read_text().replace('version = "0.1.0"', 'version = "0.1.1"'))
+    shutil.copytree(REPO_ROOT / "requirements", directory / "requirements")
+    (directory / "pyproject.toml").write_text(
+        (REPO_ROOT / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"'))
+    return directory
+
+
+# One site.yml run carries a changed setting and a new server build, so that the suite pays for one
+# rolling restart of the fleet instead of two.
+def test_changed_setting_and_server_build_restart_batch_by_batch_then_roll_back_under_load(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pids, balancer = server_pids(fleet), nginx_processes(fleet)
     old = build_info(fleet, "board1")
     assert old["server_version"] == "0.1.0" and old["server_revision"] != "unknown", old
+    source = server_copy(tmp_path / "server-0.1.1", "0.1.1")
+    with (fleet.inventory_path.parent / "group_vars/rkllm_boards.yml").open("a") as group_vars:
+        group_vars.write("rkllm_server_max_body_bytes: 2097152\n")
     with streaming_clients(fleet, tmp_path) as stop:
-        playbook(fleet, "site.yml", "-e", f"rkllm_server_source_dir={source}")
+        started = time.monotonic()
+        run = playbook(fleet, "site.yml", "-e", f"rkllm_server_source_dir={source}")
+        took = time.monotonic() - started
+        restarted = restart_times(fleet)
         upgraded = {b: build_info(fleet, b) for b in BOARDS}
+        upgraded_pids, balancer_after_site = server_pids(fleet), nginx_processes(fleet)
         playbook(fleet, "ansible/rollback.yml", "-e", "rollback_component=server")
         failed = stop()
+    order = sorted(BOARDS, key=restarted.__getitem__)
+    first = restarted[order[0]]
+    print(f"site.yml with a changed setting and server build in {took:.0f}s; batches (server started, "
+          f"seconds after the first): " + ", ".join(f"{b} +{restarted[b] - first:.1f}" for b in order))
+    assert failed == [], failed[:3]
+    assert all(upgraded_pids[b] != pids[b] for b in BOARDS)
+    # One board per batch: each started only after the previous one was back and rejoined (6 s).
+    assert all(restarted[b] - restarted[a] >= 6 for a, b in itertools.pairwise(order)), restarted
+    assert balancer_after_site == balancer, "site.yml did not reload the balancer"
+    assert nginx_processes(fleet) == balancer, "rollback.yml did not reload the balancer"
+    config = fleet.board("board1").exec(["cat", "/etc/rkllm-server/config.toml"]).stdout
+    assert "max_body_bytes = 2097152" in config
+    assert "board1: restart due for config.toml, server release 0.1.1-" in run.stdout
     assert {b: i["server_version"] for b, i in upgraded.items()} == dict.fromkeys(BOARDS, "0.1.1")
     # The copy is not a git checkout: its build says so instead of inventing a revision.
     assert upgraded["board1"]["server_revision"] == "unknown"
     assert {b: build_info(fleet, b)["server_version"] for b in BOARDS} == dict.fromkeys(BOARDS, "0.1.0")
     assert build_info(fleet, "board1")["server_revision"] == old["server_revision"]
-    assert failed == [], failed[:3]
 
 
 def canary_library(fleet: Fleet) -> tuple[str, str]:
