@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import suppress
+from importlib import metadata
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -91,13 +92,26 @@ class _NodeCollector(Collector):
         yield load
         info = GaugeMetricFamily(
             "rkllm_build_info",
-            "Runtime, driver and model of this server",
-            labels=["runtime", "driver", "model", "model_sha256"],
+            "Server build, runtime, driver and model of this server",
+            labels=["server_version", "server_revision", "runtime", "driver", "model", "model_sha256"],
         )
+        server, revision = server_build()
         driver = parse_driver_version(read_text(self._config.rknpu.version_path))
+        runtime = self._config.runtime_version
         for model in self._config.models:
-            info.add_metric([self._config.runtime_version, driver, model.name, model.sha256 or "unknown"], 1)
+            info.add_metric([server, revision, runtime, driver, model.name, model.sha256 or "unknown"], 1)
         yield info
+
+
+def server_build() -> tuple[str, str]:
+    """Package version and git revision: the fleet's build bakes the revision in as the version's local
+    label (0.1.0+g1a2b3c4d5e6f); an editable install has none."""
+    try:
+        version = metadata.version("rkllm-runtime")
+    except metadata.PackageNotFoundError:
+        return "unknown", "unknown"
+    public, _, local = version.partition("+")
+    return public, local or "unknown"
 
 
 class Metrics:

@@ -6,17 +6,26 @@ is applied for real. The test reads that Prometheus through an SSH tunnel: every
 NPU textfile reaching it, every dashboard panel's query answering, RkllmBoardDown firing when
 board2's server stops and clearing when it is back, both delivered by the role's Alertmanager to a
 webhook receiver on the controller. rkllm-bench (ansible/benchmark.yml) flags board2, whose
-double decodes below 80 % of the catalog speed."""
+double decodes below 80 % of the catalog speed. Day-2 runs under a continuous streaming client:
+site.yml re-run with a changed server setting and a new server build restarts the boards one batch at
+a time and fails no request, and ansible/rollback.yml returns them to the old build; a canary board
+pinned to another runtime library with --limit, then the whole fleet, where nothing restarts."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,3 +313,157 @@ def test_benchmark_flags_the_slow_board(fleet: Fleet, tmp_path: Path) -> None:
     assert len(through) == 6 and all(" | 200 | " in line for line in through)
     for chart in ("tokens_per_second.png", "ttft.png", "memory.png"):
         assert (out / chart).stat().st_size > 5000
+
+
+# Day-2 operations. The fleet restarts servers from here on, so these tests come last.
+LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
+BOARDS = ("board1", "board2", "board3")
+CANARY_VERSION = "1.2.4"
+
+
+def server_unit(fleet: Fleet, board: str, *props: str) -> list[str]:
+    properties = [f"-p{p}" for p in props]
+    shown = fleet.board(board).exec(["systemctl", "show", "--value", *properties, "rkllm-server"])
+    return shown.stdout.split("\n")[:len(props)]
+
+
+def server_pids(fleet: Fleet) -> dict[str, str]:
+    return {b: server_unit(fleet, b, "MainPID")[0] for b in BOARDS}
+
+
+def nginx_processes(fleet: Fleet) -> set[str]:
+    return set(fleet.balancer.exec(["pgrep", "nginx"]).stdout.split())
+
+
+def build_info(fleet: Fleet, board: str) -> dict[str, str]:
+    metrics = fleet.board(board).exec(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/metrics"])
+    metrics = metrics.stdout
+    labels = re.search(r"^rkllm_build_info\{([^}]*)\} 1\.0$", metrics, re.M)
+    assert labels, metrics[-2000:]
+    return dict(re.findall(r'(\w+)="([^"]*)"', labels.group(1)))
+
+
+@contextmanager
+def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """Two streaming clients back to back through the balancer; the yielded function stops them and
+    returns the failed requests (each asserted after the block, with the count printed)."""
+    stop_file = tmp_path / "stop-load"
+    load = subprocess.Popen(
+        ["ip", "netns", "exec", fleet.client_netns, sys.executable, str(LOAD_SCRIPT),
+         f"http://{fleet.balancer.address}", "continuous", "--concurrency", "2", "--max-tokens", "8",
+         "--seconds", "900", "--stop-file", str(stop_file)],
+        stdout=subprocess.PIPE, text=True)
+    result: list[dict[str, object]] = []
+
+    def stop() -> list[dict[str, object]]:
+        stop_file.touch()
+        out, _ = load.communicate(timeout=180)
+        result.extend(json.loads(out)["records"])
+        failed = [r for r in result if r.get("status") != 200 or not r.get("complete")]
+        print(f"continuous client: {len(result)} requests, {len(failed)} failed")
+        return failed
+
+    try:
+        yield stop
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+
+
+def restart_times(fleet: Fleet) -> dict[str, float]:
+    """When each board's server last started, in seconds of the monotonic clock the boards share."""
+    return {b: int(server_unit(fleet, b, "ActiveEnterTimestampMonotonic")[0]) / 1e6 for b in BOARDS}
+
+
+def server_copy(directory: Path, version: str) -> Path:
+    """The server's sources at another package version (not a git checkout)."""
+    directory.mkdir()
+    shutil.copytree(REPO_ROOT / "rkllm_runtime", directory / "rkllm_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "requirements", directory / "requirements")
+    (directory / "pyproject.toml").write_text(
+        (REPO_ROOT / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"'))
+    return directory
+
+
+# One site.yml run carries a changed setting and a new server build, so that the suite pays for one
+# rolling restart of the fleet instead of two.
+def test_changed_setting_and_server_build_restart_batch_by_batch_then_roll_back_under_load(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pids, balancer = server_pids(fleet), nginx_processes(fleet)
+    old = build_info(fleet, "board1")
+    assert old["server_version"] == "0.1.0" and old["server_revision"] != "unknown", old
+    source = server_copy(tmp_path / "server-0.1.1", "0.1.1")
+    with (fleet.inventory_path.parent / "group_vars/rkllm_boards.yml").open("a") as group_vars:
+        group_vars.write("rkllm_server_max_body_bytes: 2097152\n")
+    with streaming_clients(fleet, tmp_path) as stop:
+        started = time.monotonic()
+        run = playbook(fleet, "site.yml", "-e", f"rkllm_server_source_dir={source}")
+        took = time.monotonic() - started
+        restarted = restart_times(fleet)
+        upgraded = {b: build_info(fleet, b) for b in BOARDS}
+        upgraded_pids, balancer_after_site = server_pids(fleet), nginx_processes(fleet)
+        playbook(fleet, "ansible/rollback.yml", "-e", "rollback_component=server")
+        failed = stop()
+    order = sorted(BOARDS, key=restarted.__getitem__)
+    first = restarted[order[0]]
+    print(f"site.yml with a changed setting and server build in {took:.0f}s; batches (server started, "
+          f"seconds after the first): " + ", ".join(f"{b} +{restarted[b] - first:.1f}" for b in order))
+    assert failed == [], failed[:3]
+    assert all(upgraded_pids[b] != pids[b] for b in BOARDS)
+    # One board per batch: each started only after the previous one was back and rejoined (6 s).
+    assert all(restarted[b] - restarted[a] >= 6 for a, b in itertools.pairwise(order)), restarted
+    assert balancer_after_site == balancer, "site.yml did not reload the balancer"
+    assert nginx_processes(fleet) == balancer, "rollback.yml did not reload the balancer"
+    config = fleet.board("board1").exec(["cat", "/etc/rkllm-server/config.toml"]).stdout
+    assert "max_body_bytes = 2097152" in config
+    assert "board1: restart due for config.toml, server release 0.1.1-" in run.stdout
+    assert {b: i["server_version"] for b, i in upgraded.items()} == dict.fromkeys(BOARDS, "0.1.1")
+    # The copy is not a git checkout: its build says so instead of inventing a revision.
+    assert upgraded["board1"]["server_revision"] == "unknown"
+    assert {b: build_info(fleet, b)["server_version"] for b in BOARDS} == dict.fromkeys(BOARDS, "0.1.0")
+    assert build_info(fleet, "board1")["server_revision"] == old["server_revision"]
+
+
+def canary_library(fleet: Fleet) -> tuple[str, str]:
+    """Another runtime release on the mirror: the double's library with trailing bytes (a loader
+    ignores them) unique to this fleet, so the controller's cache has not seen it. Returns its URL
+    and sha256."""
+    variables = yaml.safe_load(fleet.inventory_path.read_text())["all"]["vars"]
+    with urllib.request.urlopen(variables["rkllm_lib_url"], timeout=30) as response:
+        library = response.read() + f"\0{fleet.prefix} {time.time_ns()}".encode()
+    path = fleet.run_dir / "mirror" / "canary" / "librkllmrt.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(library)
+    return fleet.state.mirror_url + "canary/librkllmrt.so", hashlib.sha256(library).hexdigest()
+
+
+def fetched(output: str) -> list[tuple[str, str]]:
+    """(result, item) of each runtime file the controller fetched in a run."""
+    task = "TASK [rkllm_lib : Download and verify the runtime files]"
+    section = output.split(task, 1)[1].split("TASK [", 1)[0]
+    return sorted(re.findall(r"^(\w+): \[\S+ -> localhost\] => \(item=([^)]+)\)", section, re.M))
+
+
+def test_canary_library_on_one_board_then_the_whole_fleet(fleet: Fleet) -> None:
+    url, sha256 = canary_library(fleet)
+    host_vars = fleet.inventory_path.parent / "host_vars/board2.yml"
+    host_vars.write_text(host_vars.read_text() + yaml.safe_dump(
+        {"rkllm_lib_version": CANARY_VERSION, "rkllm_lib_url": url, "rkllm_lib_sha256": sha256}))
+    pids = server_pids(fleet)
+    canary = playbook(fleet, "site.yml", "--limit", "board2").stdout
+    # rkllm.h is the same file in both releases: the cache holds it already.
+    assert fetched(canary) == [("changed", f"librkllmrt.so {CANARY_VERSION}"),
+                               ("ok", f"rkllm.h {CANARY_VERSION}")]
+    assert build_info(fleet, "board2")["runtime"] == CANARY_VERSION
+    after_canary = server_pids(fleet)
+    assert after_canary["board2"] != pids["board2"]
+    assert {b: after_canary[b] for b in ("board1", "board3")} == {b: pids[b] for b in ("board1", "board3")}
+    # The whole fleet, two releases in one run: each fetched once, from the cache; nothing restarts.
+    whole = playbook(fleet, "site.yml").stdout
+    assert fetched(whole) == [("ok", "librkllmrt.so 1.2.3"), ("ok", f"librkllmrt.so {CANARY_VERSION}"),
+                              ("ok", "rkllm.h 1.2.3")]
+    assert server_pids(fleet) == after_canary, "a run with nothing to change restarted a server"
+    assert {b: build_info(fleet, b)["runtime"] for b in BOARDS} == {
+        "board1": "1.2.3", "board2": CANARY_VERSION, "board3": "1.2.3"}

@@ -89,7 +89,8 @@ def test_metrics_report_requests_tokens_latencies_npu_and_build(start_server, ma
     assert values[("rkllm_requests_running", model)] == 0 and values[("rkllm_requests_waiting", model)] == 0
     assert values[("rkllm_npu_load_percent", frozenset({("core", "2")}))] == 57
     build = frozenset(
-        {("runtime", "1.2.3"), ("driver", "0.9.8"), ("model", QWEN), ("model_sha256", "cd" * 32)}
+        {("server_version", "0.1.0"), ("server_revision", "unknown"), ("runtime", "1.2.3"),
+         ("driver", "0.9.8"), ("model", QWEN), ("model_sha256", "cd" * 32)}
     )
     assert values[("rkllm_build_info", build)] == 1
 

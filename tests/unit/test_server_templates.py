@@ -99,9 +99,9 @@ def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_var
     """Run the rkllm_server role's config tasks (template + the server's --check) on this machine."""
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
-    venv = home / "venv"
+    venv = home / "current"
     if not venv.exists():
-        venv.symlink_to(REPO / ".venv")  # the role checks with <home>/venv/bin/rkllm-server
+        venv.symlink_to(REPO / ".venv")  # the role checks with <home>/current/bin/rkllm-server
     config = workdir / "config.toml"
     host_vars = {
         **local_host(),
