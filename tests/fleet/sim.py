@@ -294,6 +294,8 @@ class Fleet:
                 "rkllm_lib_header_sha256": header.sha256,
                 "rkllm_models_catalog_overrides": models,
                 "fleet_sim_kernel_packages": kernel_packages,
+                # The simulated balancers have no certificate: clients use plain HTTP, keys included.
+                "nginx_lb_allow_plaintext_api_keys": True,
             },
             "children": {
                 "rkllm_boards": {"hosts": {h.name: {"ansible_host": h.address} for h in self.boards},

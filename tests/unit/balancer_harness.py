@@ -65,6 +65,14 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
                      ) -> dict[str, RenderedBalancer]:
     """Run the role's configure tasks (template + `nginx -t` validate) once for several balancer
     variants (host vars per variant, e.g. drained boards), each into workdir/<variant>."""
+    inventory, rendered = balancer_inventory(workdir, boards, variants)
+    run_role_tasks(workdir, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
+    return rendered
+
+
+def balancer_inventory(workdir: Path, boards: Sequence[Board], variants: dict[str, dict[str, object]]
+                       ) -> tuple[dict[str, object], dict[str, RenderedBalancer]]:
+    """The inventory of render_balancers (balancers rendering into workdir/<variant>, local paths)."""
     workdir.mkdir(parents=True, exist_ok=True)
     rendered: dict[str, RenderedBalancer] = {}
     hosts: dict[str, object] = {}
@@ -83,6 +91,7 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
             "nginx_lb_log_dir": str(prefix / "log"),
             "nginx_lb_pid_path": str(prefix / "nginx.pid"),
             "nginx_lb_affinity_dir": str(prefix / "affinity"),
+            "nginx_lb_api_keys_path": str(prefix / "api-keys.conf"),
             "nginx_lb_listen_addresses": ["127.0.0.1"],
             "nginx_lb_http_port": port,
             "nginx_lb_status_port": status_port,
@@ -98,10 +107,9 @@ def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str,
                                              js=prefix / "js" / "rkllm_route.js", status_port=status_port)
     board_hosts = {b.name: {"ansible_host": b.address, "rkllm_server_port": b.port,
                             "rkllm_models_enabled": list(b.models)} for b in boards}
-    inventory = {"all": {"children": {"rkllm_balancers": {"hosts": hosts},
-                                      "rkllm_boards": {"hosts": board_hosts}}}}
-    run_role_tasks(workdir, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
-    return rendered
+    inventory: dict[str, object] = {"all": {"children": {"rkllm_balancers": {"hosts": hosts},
+                                                         "rkllm_boards": {"hosts": board_hosts}}}}
+    return inventory, rendered
 
 
 def render_balancer(prefix: Path, boards: Sequence[Board], **role_vars: object) -> RenderedBalancer:
@@ -114,8 +122,9 @@ def local_host() -> dict[str, str]:
 
 
 def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[str, object], *,
-                   role: str, tasks_from: str, hosts: str) -> None:
-    """Run one tasks file of a repo role with ansible-playbook, as the roles run in production."""
+                   role: str, tasks_from: str, hosts: str, playbook_args: Sequence[str] = ()) -> str:
+    """Run one tasks file of a repo role with ansible-playbook, as the roles run in production;
+    returns what ansible-playbook printed."""
     (workdir / "inventory.json").write_text(json.dumps(inventory))
     (workdir / "vars.json").write_text(json.dumps(variables))
     (workdir / "play.yml").write_text(_ROLE_PLAY.format(role=role, tasks_from=tasks_from, hosts=hosts))
@@ -123,11 +132,12 @@ def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[
            "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
     result = subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"), "-e", f"@{workdir / 'vars.json'}",
-         str(workdir / "play.yml")],
+         *playbook_args, str(workdir / "play.yml")],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=180, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{role}/{tasks_from} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
 
 
 def nginx_check(conf: Path) -> subprocess.CompletedProcess[str]:
