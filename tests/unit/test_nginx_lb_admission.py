@@ -39,7 +39,9 @@ def _max_conns(conf: Path) -> set[int]:
 def test_every_balancer_gets_its_share_and_the_shares_add_up(tmp_path: Path, balancers: int, capacity: int,
                                                               shares: list[int]) -> None:
     # Every host of the balancers group takes part (nginx_lb_admission_shares: 0).
-    variants = {f"lb{i}": {"nginx_lb_admission_shares": 0, "nginx_lb_upstream_max_conns": capacity}
+    # Affinity off: each board is in one upstream, so its max_conns is the whole share.
+    variants = {f"lb{i}": {"nginx_lb_admission_shares": 0, "nginx_lb_upstream_max_conns": capacity,
+                           "nginx_lb_conversation_affinity": False}
                 for i in range(1, balancers + 1)}
     rendered = render_balancers(tmp_path, BOARDS, variants)
     found = [_max_conns(rendered[f"lb{i}"].conf) for i in range(1, balancers + 1)]
@@ -48,9 +50,23 @@ def test_every_balancer_gets_its_share_and_the_shares_add_up(tmp_path: Path, bal
 
 
 def test_a_fixed_number_of_shares_overrides_the_group_size(tmp_path: Path) -> None:
-    variants = {name: {"nginx_lb_admission_shares": 1} for name in ("lb1", "lb2")}
+    variants = {name: {"nginx_lb_admission_shares": 1, "nginx_lb_conversation_affinity": False}
+                for name in ("lb1", "lb2")}
     rendered = render_balancers(tmp_path, BOARDS, variants)
     assert [_max_conns(rendered[name].conf) for name in ("lb1", "lb2")] == [{9}, {9}]
+
+
+def test_affinity_splits_each_balancers_share_between_home_and_shared_upstreams(tmp_path: Path) -> None:
+    variants = {f"lb{i}": {"nginx_lb_admission_shares": 0} for i in (1, 2)}
+    rendered = render_balancers(tmp_path, BOARDS, variants)
+    splits = []
+    for name in ("lb1", "lb2"):
+        conf = rendered[name].conf.read_text()
+        home = {int(v) for v in re.findall(r"upstream rkllm_home_\d+ \{[^}]*?max_conns=(\d+)", conf)}
+        shared = {int(v) for v in re.findall(r"upstream rkllm_all \{[^}]*?max_conns=(\d+)", conf)}
+        assert len(home) == 1 and len(shared) == 1, conf
+        splits.append(home.pop() + shared.pop())
+    assert splits == [5, 4], "a board's two upstreams together take exactly this balancer's share"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +75,8 @@ def lb(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) -> I
     fleet = {"b1": [BoardModel("alpha", tokens_per_second=TOKENS_PER_SECOND, reply_tokens=2000)]}
     with running_boards(tmp_path_factory.mktemp("boards"), double_library_path, fleet) as boards:
         balancer = render_balancer(tmp_path_factory.mktemp("lb"), list(boards.values()),
-                                   nginx_lb_upstream_max_conns=1, nginx_lb_ollama_wait_seconds=WAIT_SECONDS)
+                                   nginx_lb_upstream_max_conns=1, nginx_lb_ollama_wait_seconds=WAIT_SECONDS,
+                                   nginx_lb_conversation_affinity=False)
         with running_nginx(balancer) as base:
             yield base
 
