@@ -33,6 +33,7 @@ demo: venv double
 bench: venv double
 	$(PY) bench/bench_binding.py 2>/dev/null
 	$(PY) bench/bench_server.py
+	$(PY) -m bench.bench_embeddings
 	$(PY) -m bench.bench_balancer
 
 clean:

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from rkllm_runtime.api import ollama, ollama_admin, openai, responses
+from rkllm_runtime.api import embeddings, ollama, ollama_admin, openai, responses
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
@@ -68,6 +68,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(ollama.router)
+    app.include_router(embeddings.router)
     app.include_router(ollama_admin.router)
     app.include_router(ollama_admin.root_router)
 

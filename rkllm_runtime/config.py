@@ -46,7 +46,11 @@ Format (every key optional unless marked; values shown are the defaults)::
     path = "/opt/rkllm/models/Qwen2.5-1.5B-Instruct.rkllm"   # required
     sha256 = ""                      # reported in rkllm_build_info (Ansible knows it; never hashed here)
     memory_mb = 0                    # NPU memory the model takes, for the budget
-    kind = "quick"                   # "quick" | "reasoning"
+    kind = "quick"                   # "quick" | "reasoning" | "embedding" (serves only the embeddings
+                                     # endpoints; chat and generate on it answer 400)
+    embedding_pooling = "last"       # how /v1/embeddings, /api/embed pool the last hidden layer's
+                                     # token states: "last" token (Qwen3-Embedding-style models) or
+                                     # "mean" of all tokens; chat models serve embeddings this way too
     context_length = 4096            # max_context_len given to rkllm_init
     max_new_tokens = 2048            # per-request ceiling (max_tokens / num_predict are capped to it)
     template = "chatml"              # "chatml" (Qwen) | "deepseek-r1" | "phi3" | a name from [templates]
@@ -154,7 +158,8 @@ class ModelConfig(_Strict):
     path: str = Field(min_length=1)
     sha256: str = ""
     memory_mb: int = Field(default=0, ge=0)
-    kind: Literal["quick", "reasoning"] = "quick"
+    kind: Literal["quick", "reasoning", "embedding"] = "quick"
+    embedding_pooling: Literal["last", "mean"] = "last"
     context_length: int = Field(default=4096, gt=0, le=16384)
     max_new_tokens: int = Field(default=2048, gt=0)
     template: str = "chatml"

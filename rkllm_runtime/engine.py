@@ -19,8 +19,9 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from rkllm_runtime.generation import (
     FinishEvent,
     FinishReason,
     GenerationRequest,
+    HiddenStates,
     PerfStats,
     RequestRun,
     RunAbandoned,
@@ -50,6 +52,7 @@ __all__ = [
     "FinishEvent",
     "FinishReason",
     "GenerationRequest",
+    "HiddenStates",
     "ModelParams",
     "PerfStats",
     "TokenEvent",
@@ -225,7 +228,27 @@ class Engine:
         Closing or cancelling the iterator early aborts the run and waits until rkllm_run has
         returned, so the handle is free again when this generator is finished.
         """
+        async with aclosing(self._drive(RequestRun(request, asyncio.get_running_loop()))) as events:
+            async for event in events:
+                yield event
+
+    async def last_hidden_layer(self, text: str) -> tuple[HiddenStates, PerfStats]:
+        """The last layer's hidden states for text (one single-turn run in hidden-layer mode, no tokens).
+
+        The run uses keep_history=0; what it leaves in the KV cache is the caller's to clear.
+        """
+        request = GenerationRequest(prompt=text, keep_history=False, infer_mode="last_hidden_layer")
         run = RequestRun(request, asyncio.get_running_loop())
+        finish: FinishEvent | None = None
+        async with aclosing(self._drive(run)) as events:
+            async for event in events:
+                if isinstance(event, FinishEvent):
+                    finish = event
+        if run.hidden is None or finish is None:
+            raise RunError(f"rkllm_run returned no hidden states for {self.model_path}")
+        return run.hidden, finish.perf
+
+    async def _drive(self, run: RequestRun) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         key = next(self._next_key)
         with self._state_lock:
             if self._closed:

@@ -20,6 +20,8 @@ from typing import Literal
 from rkllm_runtime import abi
 
 FinishReason = Literal["stop", "length", "abort"]
+# "generate": tokens; "last_hidden_layer": prefill only, the last layer's hidden states, no tokens.
+InferMode = Literal["generate", "last_hidden_layer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,19 @@ class FinishEvent:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True, slots=True)
+class HiddenStates:
+    """A copy of RKLLMResultLastHiddenLayer: num_tokens rows of embd_size float32, native byte order."""
+
+    embd_size: int
+    num_tokens: int
+    data: bytes
+
+    def row(self, index: int) -> bytes:
+        size = self.embd_size * ctypes.sizeof(ctypes.c_float)
+        return self.data[index * size : (index + 1) * size]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str | None = None
@@ -68,6 +83,7 @@ class GenerationRequest:
     lora_adapter: str | None = None
     prompt_cache_path: str | None = None
     save_prompt_cache: bool = False
+    infer_mode: InferMode = "generate"
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.token_ids is None):
@@ -110,6 +126,7 @@ class RequestRun:
         self.runtime_error = False
         self.callback_error: BaseException | None = None
         self.perf: PerfStats | None = None
+        self.hidden: HiddenStates | None = None
         self.outcome: RunOutcome | None = None
         # time.monotonic() of the run's start or its last callback: what the watchdog judges by.
         self.last_progress = 0.0
@@ -144,7 +161,11 @@ class RequestRun:
             self.c_input.token_input.input_ids = ctypes.cast(self._token_ids, ctypes.POINTER(ctypes.c_int32))
             self.c_input.token_input.n_tokens = len(request.token_ids)
         self.c_infer = abi.RKLLMInferParam()
-        self.c_infer.mode = abi.RKLLMInferMode.RKLLM_INFER_GENERATE
+        self.c_infer.mode = (
+            abi.RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER
+            if request.infer_mode == "last_hidden_layer"
+            else abi.RKLLMInferMode.RKLLM_INFER_GENERATE
+        )
         self.c_infer.keep_history = int(request.keep_history)
         if request.lora_adapter is not None:
             self._lora = abi.RKLLMLoraParam(request.lora_adapter.encode())
@@ -159,15 +180,30 @@ class RequestRun:
     def on_result(self, result: abi.RKLLMResult, state: int) -> int:
         """Handle one callback; returns the int the runtime expects (0 go on, 1 stop)."""
         self.last_progress = time.monotonic()
-        if state == abi.LLMCallState.RKLLM_RUN_NORMAL:
+        hidden_mode = self.request.infer_mode == "last_hidden_layer"
+        if state == abi.LLMCallState.RKLLM_RUN_NORMAL and hidden_mode:
+            self._copy_hidden_states(result.last_hidden_layer)
+            if self.hidden is not None:
+                # Nothing after the prompt's states is wanted: if the runtime went on to generate
+                # tokens in this mode, they would cost up to max_new_tokens decode steps.
+                return abi.CALLBACK_STOP
+        elif state == abi.LLMCallState.RKLLM_RUN_NORMAL:
             self._on_token(result.text or b"", result.token_id)
-        elif state == abi.LLMCallState.RKLLM_RUN_WAITING:
+        elif state == abi.LLMCallState.RKLLM_RUN_WAITING and not hidden_mode:
             self._carried_text += self._decoder.decode(result.text or b"")
         elif state == abi.LLMCallState.RKLLM_RUN_FINISH:
             self.perf = PerfStats.from_c(result.perf)
         elif state == abi.LLMCallState.RKLLM_RUN_ERROR:
             self.runtime_error = True
         return abi.CALLBACK_CONTINUE if self.stop_reason is None else abi.CALLBACK_STOP
+
+    def _copy_hidden_states(self, layer: abi.RKLLMResultLastHiddenLayer) -> None:
+        # The runtime frees (the double poisons) the buffer once the callback returns: copy it now.
+        if layer.hidden_states and layer.embd_size > 0 and layer.num_tokens > 0 and self.hidden is None:
+            size = layer.embd_size * layer.num_tokens * ctypes.sizeof(ctypes.c_float)
+            self.hidden = HiddenStates(
+                layer.embd_size, layer.num_tokens, ctypes.string_at(layer.hidden_states, size)
+            )
 
     def _on_token(self, raw: bytes, token_id: int) -> None:
         text = self._carried_text + self._decoder.decode(raw)

@@ -121,6 +121,15 @@ class Metrics:
             ["model", "parameter"],
             registry=r,
         )
+        self.embedding_requests = Counter(
+            "rkllm_embedding_requests",
+            "Embedding requests served (each one admission, however many inputs)",
+            ["model"],
+            registry=r,
+        )
+        self.embedding_inputs = Counter(
+            "rkllm_embedding_inputs", "Texts embedded (one hidden-layer run each)", ["model"], registry=r
+        )
         self.prompt_tokens = Counter("rkllm_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
         self.prompt_tokens_cached = Counter(
             "rkllm_prompt_tokens_cached",
@@ -213,6 +222,8 @@ class Metrics:
             self.running.labels(model.name).set(0)
             self.waiting.labels(model.name).set(0)
             self.prompt_tokens_cached.labels(model.name)
+            self.embedding_requests.labels(model.name)
+            self.embedding_inputs.labels(model.name)
             self.kv_slot_evictions.labels(model.name)
             self.watchdog_fired.labels(model.name)
             for reason in ("queue_full", "model_unavailable", "run_error", "runtime_hung"):

@@ -14,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from array import array
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
 from rkllm_runtime.config import ModelConfig, ServerConfig
-from rkllm_runtime.engine import FinishEvent, GenerationRequest, TokenEvent
+from rkllm_runtime.embedding import embedding_vector
+from rkllm_runtime.engine import FinishEvent, GenerationRequest, HiddenStates, TokenEvent
 from rkllm_runtime.errors import RkllmError, RunError
 from rkllm_runtime.metrics import Metrics
-from rkllm_runtime.registry import EngineFactory, KvSlot, LoadedModel, ModelRegistry
+from rkllm_runtime.registry import EngineFactory, KvSlot, LoadedModel, ModelRegistry, ModelUnavailableError
 
 PROBE_PROMPT = "ping"
 # A drain usually ends with a restart that takes a few seconds.
@@ -140,6 +142,32 @@ def plan_run(model: LoadedModel, slot: KvSlot, job: Job, kv_tokens: int) -> RunP
             return RunPlan(suffix, True, kv_tokens, min(wanted, room))
     room = config.context_length - estimate_tokens(job.prompt, config.bytes_per_token)
     return RunPlan(job.prompt, False, 0, max(1, min(wanted, room)))
+
+
+# Mean pooling of more token rows than this (pure Python over rows x embd_size floats) leaves the loop.
+MEAN_POOLING_INLINE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """The embeddings of one request's inputs, in input order, L2-normalised."""
+
+    vectors: list[array[float]]
+    prompt_tokens: int
+    load_seconds: float
+    prefill_seconds: float
+
+
+def choose_embedding_slot(model: LoadedModel) -> KvSlot:
+    """An empty slot if there is one (no conversation is lost), else the least recently used one."""
+    empty = [slot for slot in model.slots if not slot.kv_text]
+    return min(empty or model.slots, key=lambda slot: slot.last_used)
+
+
+async def pooled_vector(hidden: HiddenStates, model: ModelConfig) -> array[float]:
+    if model.embedding_pooling == "mean" and hidden.num_tokens > MEAN_POOLING_INLINE_TOKENS:
+        return await asyncio.to_thread(embedding_vector, hidden, model.embedding_pooling)
+    return embedding_vector(hidden, model.embedding_pooling)
 
 
 @dataclass(frozen=True)
@@ -265,6 +293,8 @@ class Scheduler:
         self._drain_file = Path(config.drain_file) if config.drain_file else None
         # Set by the watchdog when rkllm_abort failed to end a hung run: nothing may touch the runtime.
         self.runtime_stuck: str | None = None
+        # Hidden size of each model that has served an embedding (known only from the runtime's result).
+        self.embedding_sizes: dict[str, int] = {}
 
     def draining(self) -> bool:
         """While the operator's drain file exists, new requests are refused; admitted ones finish."""
@@ -314,6 +344,83 @@ class Scheduler:
             if slot is not None:
                 self._vacate(model_name, slot)
             ticket.release()
+
+    async def embed(
+        self, ticket: Ticket, model_name: str, texts: Sequence[str], arrived: float
+    ) -> EmbeddingBatch:
+        """Wait for the turn, then embed every text back to back on one slot (one admission for the
+        batch, never interleaved with a generation); the turn is released at the end.
+
+        Each text is one single-turn hidden-layer run between two KV-cache clears, so nothing of it
+        stays in a slot that a conversation later continues. ModelUnavailableError: nothing ran.
+        """
+        slot: KvSlot | None = None
+        try:
+            queue_seconds = await ticket.wait()
+            self.metrics.queue_time.labels(model_name).observe(queue_seconds)
+            was_loaded = self.registry.get(model_name) is not None
+            try:
+                model = await self.registry.ensure(model_name)
+            except RkllmError as exc:  # e.g. a fresh handle refusing its chat template: nothing ran
+                raise ModelUnavailableError(str(exc)) from exc
+            slot = choose_embedding_slot(model)
+            self._occupy(model_name, slot)
+            try:
+                if slot.poisoned:
+                    raise RkllmError(f"handle {slot.index} of {model_name} failed earlier")
+                self._prepare_embedding(model, slot)
+            except RkllmError:
+                slot = await self.registry.reload_slot(model_name, slot.index)
+                self._occupy(model_name, slot)
+                was_loaded = False
+                try:
+                    self._prepare_embedding(model, slot)
+                except RkllmError as exc:
+                    raise ModelUnavailableError(str(exc)) from exc
+            vectors, tokens, prefill_ms = await self._embed_all(model, slot, texts)
+            self.embedding_sizes[model_name] = len(vectors[0])
+            self.metrics.embedding_requests.labels(model_name).inc()
+            self.metrics.embedding_inputs.labels(model_name).inc(len(texts))
+            self.metrics.prompt_tokens.labels(model_name).inc(tokens)
+            self.metrics.e2e_latency.labels(model_name).observe(time.monotonic() - arrived)
+            return EmbeddingBatch(
+                vectors, tokens, 0.0 if was_loaded else model.load_seconds, prefill_ms / 1000
+            )
+        finally:
+            if slot is not None:
+                self._vacate(model_name, slot)
+            ticket.release()
+
+    def _prepare_embedding(self, model: LoadedModel, slot: KvSlot) -> None:
+        """No tools prompt and an empty cache: the hidden states are of the input text alone."""
+        if slot.kv_text:
+            self.metrics.kv_slot_evictions.labels(model.config.name).inc()
+        slot.kv_text = ""
+        if slot.tools_json:
+            slot.engine.set_function_tools("", "", "tool_response")
+            slot.tools_json = ""
+        slot.engine.clear_kv_cache(False)
+
+    async def _embed_all(
+        self, model: LoadedModel, slot: KvSlot, texts: Sequence[str]
+    ) -> tuple[list[array[float]], int, float]:
+        name = model.config.name
+        vectors: list[array[float]] = []
+        tokens, prefill_ms = 0, 0.0
+        for text in texts:
+            try:
+                hidden, perf = await slot.engine.last_hidden_layer(text)
+                # keep_history=0 already ignores the cache; the clear keeps the slot honestly empty.
+                slot.engine.clear_kv_cache(False)
+                vectors.append(await pooled_vector(hidden, model.config))
+            except RkllmError as exc:
+                # RUN_ERROR leaves the handle usable; anything else (closed, busy, hung) does not.
+                slot.poisoned = not isinstance(exc, RunError)
+                self.metrics.rejected.labels(name, "run_error").inc()
+                raise
+            tokens += perf.prefill_tokens or hidden.num_tokens
+            prefill_ms += perf.prefill_ms
+        return vectors, tokens, prefill_ms
 
     def _occupy(self, model_name: str, slot: KvSlot) -> None:
         slot.running = True
@@ -419,6 +526,10 @@ class Scheduler:
                     slot = await self.registry.reload_slot(model_name, index)
                 if slot.kv_text or generated:
                     slot.engine.kv_cache_size()
+                elif model.config.kind == "embedding":
+                    await slot.engine.last_hidden_layer(PROBE_PROMPT)
+                    slot.engine.clear_kv_cache(False)
+                    generated = True
                 else:
                     request = GenerationRequest(prompt=PROBE_PROMPT, keep_history=False, max_tokens=1)
                     async with aclosing(slot.engine.generate(request)) as events:

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.chat import Message, OutputParser, StopMatcher, ToolCall, parse_tool_call, tools_json
 from rkllm_runtime.config import ModelConfig, ServerConfig
+from rkllm_runtime.embedding import embedding_only_message
 from rkllm_runtime.engine import FinishEvent, TokenEvent
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
@@ -394,6 +395,8 @@ class Generation:
 async def start_generation(request: Request, model: ModelConfig, job: Job) -> Generation:
     """Refuse (400/503) before any work, then wait for the turn and the handle."""
     scheduler = scheduler_of(request)
+    if model.kind == "embedding":
+        raise bad_request(embedding_only_message(model.name), param="model", code="model_not_supported")
     try:
         estimate = check_context(model, job.prompt + job.tools_json)
         ticket = scheduler.admit(model.name)

@@ -982,6 +982,144 @@ static int test_parallel_handles(void)
 }
 
 /* Every shipped model initialises, except the two whose purpose is to fail at init. */
+/* ---------------------------------------------------------------- hidden-layer mode */
+
+enum { HIDDEN_EMBD = 32, HIDDEN_MAX_TOKENS = 64 };
+
+typedef struct {
+    int normal;
+    int finish;
+    int embd_size;
+    int num_tokens;
+    const float *pointer; /* kept only to prove it is garbage after the callback */
+    float copy[HIDDEN_MAX_TOKENS * HIDDEN_EMBD];
+    char text[64];
+    RKLLMPerfStat perf;
+} hidden_collector;
+
+static int on_hidden(RKLLMResult *result, void *userdata, LLMCallState state)
+{
+    hidden_collector *c = userdata;
+    if (state == RKLLM_RUN_NORMAL) {
+        c->normal++;
+        snprintf(c->text, sizeof c->text, "%s", result->text ? result->text : "(null)");
+        const RKLLMResultLastHiddenLayer *layer = &result->last_hidden_layer;
+        c->embd_size = layer->embd_size;
+        c->num_tokens = layer->num_tokens;
+        c->pointer = layer->hidden_states;
+        if (layer->embd_size == HIDDEN_EMBD && layer->num_tokens <= HIDDEN_MAX_TOKENS)
+            memcpy(c->copy, layer->hidden_states, sizeof(float) * HIDDEN_EMBD * (size_t)layer->num_tokens);
+    } else if (state == RKLLM_RUN_FINISH) {
+        c->finish++;
+        c->perf = result->perf;
+    }
+    return 0;
+}
+
+static int run_hidden(LLMHandle h, const char *prompt, RKLLMInferMode mode, hidden_collector *c)
+{
+    memset(c, 0, sizeof *c);
+    RKLLMInput in;
+    memset(&in, 0, sizeof in);
+    in.role = "user";
+    in.input_type = RKLLM_INPUT_PROMPT;
+    in.prompt_input = prompt;
+    RKLLMInferParam infer;
+    memset(&infer, 0, sizeof infer);
+    infer.mode = mode;
+    return rkllm_run(h, &in, &infer, c);
+}
+
+/* The documented feature of a byte string (tests/fakelib/README.md, "Hidden-layer mode"). */
+static void expected_feature(double *acc, const char *bytes, size_t len, double weight)
+{
+    uint32_t state = 2166136261u;
+    for (size_t i = 0; i < len; i++) {
+        state ^= (unsigned char)bytes[i];
+        state *= 16777619u;
+    }
+    for (int d = 0; d < HIDDEN_EMBD; d++) {
+        state = state * 1664525u + 1013904223u;
+        acc[d] += weight * ((double)(state >> 8) / 8388608.0 - 1.0);
+    }
+}
+
+static double cosine_last(const hidden_collector *a, const hidden_collector *b)
+{
+    const float *x = a->copy + (size_t)(a->num_tokens - 1) * HIDDEN_EMBD;
+    const float *y = b->copy + (size_t)(b->num_tokens - 1) * HIDDEN_EMBD;
+    double dot = 0, nx = 0, ny = 0;
+    for (int d = 0; d < HIDDEN_EMBD; d++) {
+        dot += (double)x[d] * y[d];
+        nx += (double)x[d] * x[d];
+        ny += (double)y[d] * y[d];
+    }
+    return dot / sqrt(nx * ny);
+}
+
+static int test_hidden_layer(void)
+{
+    LLMHandle h;
+    char path[PATH_MAX];
+    model_path(path, "tiny-embed.rkllm");
+    RKLLMParam p = params_for(path);
+    CHECK(rkllm_init(&h, &p, on_hidden) == 0, "init failed");
+    static hidden_collector first, again, similar, other;
+    const char *prompt = "the cat sat on the mat"; /* 22 bytes: 6 tokens */
+    CHECK(run_hidden(h, prompt, RKLLM_INFER_GET_LAST_HIDDEN_LAYER, &first) == 0, "hidden-layer run failed");
+    CHECK(first.normal == 1 && first.finish == 1, "%d NORMAL, %d FINISH callbacks", first.normal, first.finish);
+    CHECK(first.embd_size == HIDDEN_EMBD && first.num_tokens == 6, "embd_size %d, num_tokens %d", first.embd_size,
+          first.num_tokens);
+    CHECK(!strcmp(first.text, ""), "hidden-layer callback carried text \"%s\"", first.text);
+    CHECK(first.perf.generate_tokens == 0 && first.perf.prefill_tokens == 6, "perf: %d generated, %d prefilled",
+          first.perf.generate_tokens, first.perf.prefill_tokens);
+    CHECK(isnan(first.pointer[0]) && isnan(first.pointer[6 * HIDDEN_EMBD - 1]),
+          "the buffer still holds numbers after the callback returned");
+    /* Last row: every word plus a quarter of the last token's own bytes ("at" after "the m"). */
+    double expected[HIDDEN_EMBD] = {0};
+    const char *words[] = {"the", "cat", "sat", "on", "the", "mat"};
+    for (size_t i = 0; i < sizeof words / sizeof *words; i++)
+        expected_feature(expected, words[i], strlen(words[i]), 1.0);
+    expected_feature(expected, "at", 2, 0.25);
+    for (int d = 0; d < HIDDEN_EMBD; d++)
+        CHECK(fabs(first.copy[5 * HIDDEN_EMBD + d] - expected[d]) < 1e-4, "last row [%d] = %f, documented %f", d,
+              (double)first.copy[5 * HIDDEN_EMBD + d], expected[d]);
+    /* Row 0 ("the ") holds only "the": "cat" starts in token 1. */
+    double row0[HIDDEN_EMBD] = {0};
+    expected_feature(row0, "the", 3, 1.0);
+    expected_feature(row0, "the ", 4, 0.25);
+    for (int d = 0; d < HIDDEN_EMBD; d++)
+        CHECK(fabs(first.copy[d] - row0[d]) < 1e-4, "row 0 [%d] = %f, documented %f", d, (double)first.copy[d],
+              row0[d]);
+    CHECK(run_hidden(h, prompt, RKLLM_INFER_GET_LAST_HIDDEN_LAYER, &again) == 0, "second run failed");
+    CHECK(!memcmp(first.copy, again.copy, sizeof(float) * 6 * HIDDEN_EMBD), "equal inputs gave different vectors");
+    CHECK(run_hidden(h, "the cat sat on a mat", RKLLM_INFER_GET_LAST_HIDDEN_LAYER, &similar) == 0, "run failed");
+    CHECK(run_hidden(h, "quantum chromodynamics lattice", RKLLM_INFER_GET_LAST_HIDDEN_LAYER, &other) == 0,
+          "run failed");
+    double near = cosine_last(&first, &similar), far = cosine_last(&first, &other);
+    CHECK(near < 0.9999 && near > far + 0.3, "cosine to a similar text %.3f, to an unrelated one %.3f", near, far);
+    CHECK(kv_size(h) == other.num_tokens, "KV holds %d tokens after a hidden-layer run of %d", kv_size(h),
+          other.num_tokens);
+    CHECK(run_hidden(h, prompt, RKLLM_INFER_GET_LOGITS, &other) == -1, "GET_LOGITS is not implemented by the double");
+    CHECK(rkllm_destroy(h) == 0, "destroy failed");
+    /* Prefill costs what generation's does; embd_size defaults to 1536 when the model file has none. */
+    setenv("RKLLM_DOUBLE_PREFILL_MS", "2", 1);
+    model_path(path, "tiny-flat.rkllm");
+    p = params_for(path);
+    CHECK(rkllm_init(&h, &p, on_hidden) == 0, "init failed");
+    char long_prompt[201];
+    memset(long_prompt, 'w', 200); /* 50 tokens */
+    long_prompt[200] = '\0';
+    double start = now_ms();
+    CHECK(run_hidden(h, long_prompt, RKLLM_INFER_GET_LAST_HIDDEN_LAYER, &other) == 0, "run failed");
+    double elapsed = now_ms() - start;
+    CHECK(other.embd_size == 1536 && other.num_tokens == 50, "embd_size %d, num_tokens %d", other.embd_size,
+          other.num_tokens);
+    CHECK(elapsed >= 99 && other.perf.prefill_time_ms >= 99 && other.perf.prefill_time_ms < 200,
+          "run took %.1f ms, prefill %.1f ms; expected 50 tokens x 2 ms", elapsed, (double)other.perf.prefill_time_ms);
+    return rkllm_destroy(h);
+}
+
 static int test_shipped_models_load(void)
 {
     DIR *dir = opendir(models_dir);
@@ -1106,6 +1244,7 @@ static const test_case TESTS[] = {
     {"shipped_models_load", test_shipped_models_load},
     {"run_async", test_run_async},
     {"legacy_114_library", test_legacy_114_library},
+    {"hidden_layer", test_hidden_layer},
 };
 enum { N_TESTS = sizeof TESTS / sizeof *TESTS };
 

@@ -31,6 +31,8 @@ enum {
     MAX_VOCAB = 4096,
     MAX_MODEL_FILE_BYTES = 1 << 20,
     MAX_TOOL_NAME_BYTES = 200,
+    DEFAULT_EMBD_SIZE = 1536,
+    MAX_EMBD_SIZE = 16384,
     ERR_LEN = 512,
 };
 
@@ -59,6 +61,7 @@ typedef struct {
     int hang_at_token;
     bool hang_ignores_abort;
     char *hang_trigger; /* NULL: every run hangs; else only runs whose prompt contains it */
+    int embd_size;      /* floats per token in RKLLM_INFER_GET_LAST_HIDDEN_LAYER results */
 } model_spec;
 
 typedef struct lora_entry {
@@ -88,6 +91,10 @@ struct double_handle {
     char *tool_name;
     lora_entry *loras;
     char *prompt_cache_path;
+    /* Hidden states of the last GET_LAST_HIDDEN_LAYER run: valid only inside its callback, poisoned
+     * (NaN) as soon as the callback returns, so a binding that kept the pointer reads garbage. */
+    float *hidden;
+    size_t hidden_floats;
 };
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -392,6 +399,8 @@ static bool set_model_key(model_spec *m, const char *key, const char *value, boo
         ok = parse_int(value, -1, 1000000, &m->hang_at_token);
     } else if (!strcmp(key, "hang_ignores_abort")) {
         ok = parse_bool(value, &m->hang_ignores_abort);
+    } else if (!strcmp(key, "embd_size")) {
+        ok = parse_int(value, 1, MAX_EMBD_SIZE, &m->embd_size);
     } else if (!strcmp(key, "hang_trigger")) {
         free(m->hang_trigger);
         ok = (m->hang_trigger = strdup(value)) != NULL;
@@ -505,6 +514,7 @@ static bool load_model(const char *path, model_spec *m, char *err)
     m->error_at_token = -1;
     m->segv_at_token = -1;
     m->hang_at_token = -1;
+    m->embd_size = DEFAULT_EMBD_SIZE;
     char *text = read_text_file(path, err);
     if (!text)
         return false;
@@ -643,6 +653,7 @@ static void handle_free(struct double_handle *h)
     free(h->model_path);
     free(h->tool_name);
     free(h->prompt_cache_path);
+    free(h->hidden);
     for (lora_entry *l = h->loras, *next; l; l = next) {
         next = l->next;
         free(l->name);
@@ -910,6 +921,7 @@ typedef struct {
     const char *input_kind;
     const char *role;
     int keep_history;
+    bool hidden_layer; /* RKLLM_INFER_GET_LAST_HIDDEN_LAYER: prefill only, hidden states, no tokens */
     int prompt_tokens;
     int prefill_tokens;
     int kv_before;
@@ -968,7 +980,7 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
                   in->role ? in->role : "NULL", in->role ? "\"" : "");
         return false;
     }
-    if (infer->mode != RKLLM_INFER_GENERATE) {
+    if (infer->mode != RKLLM_INFER_GENERATE && infer->mode != RKLLM_INFER_GET_LAST_HIDDEN_LAYER) {
         fprintf(stderr, "E rkllm-double: infer mode %d is not supported by the test double\n", infer->mode);
         return false;
     }
@@ -982,6 +994,7 @@ static bool plan_run(struct double_handle *h, const RKLLMInput *in, const RKLLMI
     plan->lora = lora ? strdup(lora->lora_adapter_name) : NULL;
     plan->role = strcmp(in->role, "tool") ? "user" : "tool";
     plan->keep_history = infer->keep_history != 0;
+    plan->hidden_layer = infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER;
     if (in->input_type == RKLLM_INPUT_PROMPT) {
         if (!in->prompt_input) {
             violation(h->id, "rkllm_run: prompt_input is NULL");
@@ -1158,6 +1171,103 @@ static void save_prompt_cache(const struct double_handle *h, const run_plan *pla
         fclose(f);
 }
 
+/*
+ * Hidden states (documented in README.md, "Hidden-layer mode"): the prompt's bytes are cut into tokens of
+ * 4 bytes (one empty token for an empty prompt); a word is a run of bytes other than space, tab, CR, LF and
+ * belongs to the token holding its first byte. Row i = the sum of the features of every word in tokens
+ * 0..i (causal, like a decoder's last layer) + 0.25 x the feature of token i's own bytes. feature(bytes)[d]
+ * for d = 0..embd_size-1: state = FNV-1a(bytes); state = state * 1664525 + 1013904223 (mod 2^32);
+ * value = (state >> 8) / 2^23 - 1. Texts sharing words therefore get similar vectors.
+ */
+static uint32_t fnv1a_bytes(const char *bytes, size_t len)
+{
+    uint32_t hash = FNV_BASIS;
+    for (size_t i = 0; i < len; i++) {
+        hash ^= (unsigned char)bytes[i];
+        hash *= 16777619u;
+    }
+    return hash;
+}
+
+static void add_feature(double *acc, int embd_size, const char *bytes, size_t len, double weight)
+{
+    uint32_t state = fnv1a_bytes(bytes, len);
+    for (int d = 0; d < embd_size; d++) {
+        state = state * 1664525u + 1013904223u;
+        acc[d] += weight * ((double)(state >> 8) / 8388608.0 - 1.0);
+    }
+}
+
+static bool is_word_separator(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* Fills h->hidden with prompt_tokens x embd_size floats; false when out of memory. */
+static bool compute_hidden_states(struct double_handle *h, const run_plan *plan)
+{
+    const int embd = h->model.embd_size;
+    const size_t len = strlen(plan->text);
+    const int tokens = plan->prompt_tokens;
+    size_t floats = (size_t)tokens * (size_t)embd;
+    if (floats > h->hidden_floats) {
+        float *grown = realloc(h->hidden, floats * sizeof *grown);
+        if (!grown)
+            return false;
+        h->hidden = grown;
+        h->hidden_floats = floats;
+    }
+    double *words = calloc((size_t)embd, sizeof *words);
+    double *row = malloc((size_t)embd * sizeof *row);
+    if (!words || !row) {
+        free(words);
+        free(row);
+        return false;
+    }
+    size_t pos = 0;
+    for (int i = 0; i < tokens; i++) {
+        size_t chunk_end = (size_t)(i + 1) * 4 < len ? (size_t)(i + 1) * 4 : len;
+        for (; pos < chunk_end; pos++) {
+            if (is_word_separator(plan->text[pos]) || (pos > 0 && !is_word_separator(plan->text[pos - 1])))
+                continue;
+            size_t end = pos;
+            while (end < len && !is_word_separator(plan->text[end]))
+                end++;
+            add_feature(words, embd, plan->text + pos, end - pos, 1.0);
+        }
+        memcpy(row, words, (size_t)embd * sizeof *row);
+        size_t chunk_start = (size_t)i * 4 < len ? (size_t)i * 4 : len;
+        add_feature(row, embd, plan->text + chunk_start, chunk_end - chunk_start, 0.25);
+        for (int d = 0; d < embd; d++)
+            h->hidden[(size_t)i * (size_t)embd + (size_t)d] = (float)row[d];
+    }
+    free(words);
+    free(row);
+    return true;
+}
+
+/* One NORMAL callback carrying the hidden states (as the 1.2.3 llm_demo reads them); true if it paused. */
+static bool deliver_hidden_layer(run_ctx *ctx, const run_plan *plan)
+{
+    struct double_handle *h = ctx->h;
+    if (!compute_hidden_states(h, plan)) {
+        fprintf(stderr, "E rkllm-double: out of memory for %d x %d hidden states\n", plan->prompt_tokens,
+                h->model.embd_size);
+        return true;
+    }
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.text = "";
+    result.token_id = -1;
+    result.last_hidden_layer.hidden_states = h->hidden;
+    result.last_hidden_layer.embd_size = h->model.embd_size;
+    result.last_hidden_layer.num_tokens = plan->prompt_tokens;
+    bool paused = invoke(ctx, &result, RKLLM_RUN_NORMAL);
+    /* All bits set is a NaN: whoever reads the buffer after the callback gets no usable number. */
+    memset(h->hidden, 0xFF, (size_t)plan->prompt_tokens * (size_t)h->model.embd_size * sizeof *h->hidden);
+    return paused;
+}
+
 static void run_error(run_ctx *ctx)
 {
     RKLLMResult result;
@@ -1183,9 +1293,10 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
     struct double_handle *h = ctx->h;
     const model_spec *m = &h->model;
     log_event("RUN", h->id,
-              "input_type=%s role=%s keep_history=%d prompt_tokens=%d prefill_tokens=%d kv_before=%d lora=%s "
+              "mode=%s input_type=%s role=%s keep_history=%d prompt_tokens=%d prefill_tokens=%d kv_before=%d lora=%s "
               "save_prompt_cache=%s tool_call=%d",
-              plan->input_kind, plan->role, plan->keep_history, plan->prompt_tokens, plan->prefill_tokens,
+              plan->hidden_layer ? "last_hidden_layer" : "generate", plan->input_kind, plan->role,
+              plan->keep_history, plan->prompt_tokens, plan->prefill_tokens,
               plan->kv_before, plan->lora ? plan->lora : "-", plan->save_cache_path ? plan->save_cache_path : "-",
               plan->tool_call);
     if (plan->kv_start + plan->prefill_tokens > h->max_context) {
@@ -1210,6 +1321,9 @@ static int execute_run(run_ctx *ctx, const run_plan *plan)
     uint32_t kv_hash = plan->seed;
     int generated = 0;
     const char *reason = aborted ? "abort" : NULL;
+    if (!reason && plan->hidden_layer) {
+        reason = deliver_hidden_layer(ctx, plan) ? "callback" : "stop";
+    }
     while (!reason) {
         if (generated >= plan->reply_len)
             reason = "stop";

@@ -37,6 +37,11 @@ name = "custom"
 path = "/models/c.rkllm"
 template = "mine"
 
+[[models]]
+name = "Qwen3-Embedding-0.6B"
+path = "/models/e.rkllm"
+kind = "embedding"
+
 [templates.mine]
 system = ["S:", "\\n"]
 user = ["U:", "\\n"]
@@ -50,11 +55,13 @@ def test_the_documented_format_loads(tmp_path):
     path.write_text(EXAMPLE)
     config = load_config(path)
     assert config.port == 9000 and config.think == "inline" and config.rknpu.load_path == "/tmp/load"
-    qwen, r1, custom = config.models
+    qwen, r1, custom, embedder = config.models
     assert qwen.pinned and qwen.memory_mb == 1659 and r1.kind == "reasoning" and r1.queue_size == 2
     assert qwen.kv_slots == 2 and r1.kv_slots == 1, "one KV slot unless configured"
     assert config.template_for(custom).user == ("U:", "\n")
     assert config.routing.reasoning_keywords == ("why",)
+    assert embedder.kind == "embedding" and embedder.embedding_pooling == "last", "last token by default"
+    assert qwen.embedding_pooling == "last"
 
 
 @pytest.mark.parametrize(
@@ -67,6 +74,8 @@ def test_the_documented_format_loads(tmp_path):
         ("[[models]]\nname = 'auto'\npath = '/a'", "reserved"),
         ("[[models]]\nname = 'a'\npath = '/a'\ncontext_length = 99999", "context_length"),
         ("[[models]]\nname = 'a'\npath = '/a'\nkv_slots = 0", "kv_slots"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nkind = 'embeddings'", "kind"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nembedding_pooling = 'cls'", "embedding_pooling"),
         ("this is = not toml [", "not valid TOML"),
     ],
 )
