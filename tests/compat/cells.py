@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 PASS = "pass"
 REFUSAL = "clear refusal"
-NOT_YET = "not yet"
 LACKING = "n/a"  # the client itself has no way to use the feature with a self-hosted server
 FEATURES = ("chat", "stream", "multi-turn", "tools", "embeddings", "sampling", "queue-full", "structured")
 
@@ -112,19 +111,8 @@ def check_tools(client: Client, target: Target) -> str:
     return PASS
 
 
-def is_missing_route(error: Exception) -> bool:
-    """The server has no embeddings route yet (a 404, however the client words it)."""
-    said = f"{type(error).__name__} {error}".lower()
-    return any(words in said for words in ("404", "not found", "notfound", "no endpoint"))
-
-
 def check_embeddings(client: Client, target: Target) -> str:
-    try:
-        vectors = client.embed(["first text", "second text"])
-    except Exception as error:
-        if is_missing_route(error):
-            return NOT_YET
-        raise
+    vectors = client.embed(["first text", "second text"])
     expect(len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0, "two vectors of one size")
     expect(vectors[0] != vectors[1], "different texts, different vectors")
     norms = [math.sqrt(sum(x * x for x in vector)) for vector in vectors]
@@ -172,7 +160,7 @@ CHECKS: dict[str, Callable[[Client, Target], str]] = {
 
 
 def run_row(client: Client, target: Target) -> dict[str, Any]:
-    """Every feature's outcome: pass, clear refusal, not yet, or "broken: <what happened>"."""
+    """Every feature's outcome: pass, clear refusal, n/a, or "broken: <what happened>"."""
     cells: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for feature in FEATURES:

@@ -37,7 +37,13 @@ def main(argv: list[str]) -> None:
     client = getattr(importlib.import_module(module, __package__), cls)(target)
     setup_seconds = round(time.monotonic() - started, 2)
     row = run_row(client, target)
-    row |= {"client": name, "setup_seconds": setup_seconds, "outbound": guard.attempts}
+    downloaded = sorted(path.name for path in guard.tiktoken_cache.iterdir())
+    row |= {
+        "client": name,
+        "setup_seconds": setup_seconds,
+        "outbound": guard.attempts,
+        "tiktoken_cache": downloaded,
+    }
     print(json.dumps(row))
 
 

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -34,8 +35,9 @@ def _is_local(host: object) -> bool:
 
 
 class OutboundGuard:
-    def __init__(self) -> None:
+    def __init__(self, tiktoken_cache: Path) -> None:
         self.attempts: list[str] = []
+        self.tiktoken_cache = tiktoken_cache
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
         if event == "socket.getaddrinfo":
@@ -54,7 +56,9 @@ def go_offline() -> OutboundGuard:
     """Set the offline environment, point tiktoken at an empty cache, and refuse outbound connections."""
     os.environ.update(OFFLINE_ENVIRONMENT)
     # An empty cache: any encoding a library asked tiktoken for would have to be downloaded (and refused).
-    os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tiktoken-empty-")
-    guard = OutboundGuard()
+    # (litellm points tiktoken at the encodings bundled in its wheel instead, which needs no network.)
+    tiktoken_cache = Path(tempfile.mkdtemp(prefix="tiktoken-empty-"))
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(tiktoken_cache)
+    guard = OutboundGuard(tiktoken_cache)
     sys.addaudithook(guard)
     return guard

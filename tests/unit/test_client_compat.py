@@ -28,6 +28,7 @@ from server_harness import QWEN, serve, wait_until
 
 BUSY = "Busy-Model"
 EMBEDDER = "Qwen3-Embedding-0.6B"
+EMBEDDING_SIZE = 64
 SECOND_ENVIRONMENT = {
     "litellm openai/",
     "litellm ollama_chat/",
@@ -103,6 +104,11 @@ def matrix(
             "path": str(write_model(models_dir, "busy", reply_tokens=100000, decode_tokens_per_second=20)),
             "queue_size": 0,
         },
+        {
+            "name": EMBEDDER,
+            "path": str(write_model(models_dir, "embedder", embd_size=EMBEDDING_SIZE)),
+            "kind": "embedding",
+        },
     ]
     # Retry-After of 1 s: the clients that honour it retry within the test's time.
     with serve(double_library_path, models, retry_after_max_seconds=1) as server:
@@ -132,6 +138,31 @@ def test_client_works_or_refuses_clearly_offline(matrix: dict[str, dict[str, Any
     broken = {feature: outcome for feature, outcome in row["cells"].items() if outcome.startswith("broken")}
     assert not broken, f"{client}: {broken}"
     assert row["outbound"] == [], f"{client} tried to reach the internet: {row['outbound']}"
+    assert row["tiktoken_cache"] == [], "no tokenizer encoding was needed"
+
+
+def test_the_offline_guard_refuses_and_records_connections_beyond_this_machine() -> None:
+    probe = """
+import json, socket
+from tests.compat.offline import go_offline
+guard = go_offline()
+def connect():
+    socket.socket().connect(("192.0.2.1", 443))
+def resolve():
+    socket.getaddrinfo("pypi.org", 443)
+for attempt in (connect, resolve):
+    try:
+        attempt()
+    except ConnectionRefusedError:
+        pass
+with socket.create_server(("127.0.0.1", 0)) as listener:
+    socket.create_connection(listener.getsockname()).close()
+print(json.dumps(guard.attempts))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+    )
+    assert json.loads(done.stdout) == ["socket.connect 192.0.2.1", "socket.getaddrinfo pypi.org"]
 
 
 def test_readme_shows_the_matrix_of_this_run(matrix: dict[str, dict[str, Any]]) -> None:
