@@ -91,6 +91,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
 def matrix(
     double_library_path: Path, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[dict[str, dict[str, Any]]]:
+    assert CLIENTS_PYTHON.exists(), f"{CLIENTS_PYTHON} is missing: `make venv` builds it"
     models_dir = tmp_path_factory.mktemp("compat-models")
     models = [
         {
