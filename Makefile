@@ -8,10 +8,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: venv double test bench lint demo clean
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements/dev.txt pyproject.toml
+$(VENV)/.installed: requirements/dev.txt requirements/compat-clients.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements/dev.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	# Clients whose pins conflict with dev.txt, for tests/unit/test_client_compat.py.
+	python3 -m venv $(VENV)/clients
+	$(VENV)/clients/bin/pip install -q --disable-pip-version-check -r requirements/compat-clients.txt
 	touch $@
 
 double:

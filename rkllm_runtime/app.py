@@ -68,9 +68,9 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(ollama.router)
+    app.include_router(embeddings.router)
     app.include_router(ollama_admin.router)
     app.include_router(ollama_admin.root_router)
-    app.include_router(embeddings.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
