@@ -246,12 +246,17 @@ async def show(request: Request) -> dict[str, Any]:
     body = await read_json(request, ShowRequest)
     config = scheduler_of(request).config
     model = resolve_model(config, body.model or body.name or "", None, "")
-    capabilities = ["completion", "tools"] + (["thinking"] if model.kind == "reasoning" else [])
+    capabilities = (
+        ["embedding"]
+        if model.kind == "embedding"
+        else ["completion", "tools"] + (["thinking"] if model.kind == "reasoning" else [])
+    )
     parameters = "\n".join(
         f"{k} {getattr(model, k)}" for k in ("temperature", "top_p", "top_k", "repeat_penalty")
     )
     return {
-        "modelfile": f"FROM {model.path}\n",
+        # The model's name, not its path: the board's file layout is not the client's business.
+        "modelfile": f"FROM {model.name}\n",
         "parameters": parameters,
         "template": model.template,
         "details": _details(model),

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.common import (
+    AUTO_MODEL,
+    LATEST_TAG,
     MAX_MESSAGES,
     MAX_TOOLS,
     Delta,
@@ -216,9 +218,10 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/models/{name}")
 async def get_model(request: Request, name: str) -> dict[str, Any]:
     config = scheduler_of(request).config
-    if name != "auto" and config.model(name) is None:
+    bare = name.removesuffix(LATEST_TAG)
+    if bare != AUTO_MODEL and config.model(bare) is None:
         raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
-    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
+    return {"id": bare, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
 
 
 @dataclass

@@ -414,3 +414,9 @@ def test_fuzzed_embedding_requests_never_get_a_server_error(start_server, make_m
     assert statuses[200] > 0 and statuses[400] > 0, statuses
     assert 'rkllm_requests_rejected_total{model="",reason="internal"} 0.0' in metrics
     assert log_lines(double_log, "VIOLATION") == []
+
+
+def test_show_says_an_embedding_model_only_embeds(embed_server) -> None:
+    shown = ollama_client(embed_server).show(EMBED)
+    assert shown.capabilities == ["embedding"]
+    assert shown.modelfile == f"FROM {EMBED}\n"

@@ -137,3 +137,13 @@ def test_images_are_refused_with_what_to_send_instead(server):
         client_for(server).chat(model=QWEN, messages=[{"role": "user", "content": "x", "images": ["aGk="]}])
     assert refused.value.status_code == 400
     assert "send the message without images" in refused.value.error
+
+
+def test_openai_model_lookup_accepts_the_latest_tag_and_shows_no_file_path(server):
+    with server.http() as http:
+        tagged, auto = http.get(f"/v1/models/{QWEN}:latest"), http.get("/v1/models/auto:latest")
+        other_tag = http.get(f"/v1/models/{QWEN}:7b")
+    assert tagged.status_code == 200 and tagged.json()["id"] == QWEN
+    assert auto.status_code == 200 and auto.json()["id"] == "auto"
+    assert other_tag.status_code == 404 and other_tag.json()["error"]["code"] == "model_not_found"
+    assert client_for(server).show(QWEN).modelfile == f"FROM {QWEN}\n"
