@@ -58,7 +58,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",  # request bodies: rkllm_runtime/api/common.py json_body
+        openapi_url="/openapi.json",  # request bodies: rkllm_runtime/api/body.py json_body
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
     # The failing request's model is unknown here; the error-ratio alert only sums per board.

@@ -16,23 +16,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
-from rkllm_runtime.api.common import (
-    AUTO_MODEL,
-    dumps,
-    json_body,
-    read_json,
-    resolve_model,
-    run_error,
-    scheduler_of,
-    until_disconnect,
-)
-from rkllm_runtime.api.errors import ApiError, bad_request
+from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.errors import bad_request, domain_error
+from rkllm_runtime.api.generation import run_error
+from rkllm_runtime.api.plumbing import dumps, scheduler_of, until_disconnect
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.embedding import to_base64, to_json_array
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import ModelUnavailableError
+from rkllm_runtime.routing import AUTO_MODEL, resolve_model
 from rkllm_runtime.scheduler import (
-    AdmissionRefusedError,
     ContextOverflowError,
     EmbeddingBatch,
     check_context,
@@ -141,15 +134,12 @@ async def embed_texts(request: Request, model: ModelConfig, texts: list[str]) ->
     """Admit once (503 when the queue is full), wait for the turn, embed every text in order."""
     arrived = time.monotonic()
     scheduler = scheduler_of(request)
-    try:
-        ticket = scheduler.admit(model.name)
-    except AdmissionRefusedError as exc:
-        raise ApiError(503, str(exc), code=exc.code, retry_after=exc.retry_after) from exc
+    ticket = scheduler.admit(model.name)
     try:
         return await until_disconnect(request, scheduler.embed(ticket, model.name, texts, arrived))
     except ModelUnavailableError as exc:
         scheduler.metrics.rejected.labels(model.name, "model_unavailable").inc()
-        raise ApiError(503, str(exc), code="model_unavailable", retry_after=5) from exc
+        raise domain_error(exc) from exc
     except RkllmError as exc:
         raise run_error(exc) from exc
     finally:

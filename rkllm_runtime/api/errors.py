@@ -18,6 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rkllm_runtime.registry import ModelUnavailableError
+from rkllm_runtime.routing import UnknownModelError
+from rkllm_runtime.scheduler import AdmissionRefusedError
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -44,6 +48,21 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+# A board whose model cannot be loaded answers 503: the balancer then tries another board.
+MODEL_UNAVAILABLE_RETRY_AFTER = 5
+
+
+def domain_error(exc: UnknownModelError | AdmissionRefusedError | ModelUnavailableError) -> ApiError:
+    """The one place where the scheduler's and the router's refusals become HTTP answers."""
+    if isinstance(exc, UnknownModelError):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, AdmissionRefusedError):
+        return ApiError(503, str(exc), code=exc.code, retry_after=exc.retry_after)
+    return ApiError(
+        503, str(exc), code="model_unavailable", retry_after=MODEL_UNAVAILABLE_RETRY_AFTER
+    )
 
 
 def error_response(path: str, error: ApiError) -> JSONResponse:
@@ -80,6 +99,11 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request.url.path, exc)
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnknownModelError | AdmissionRefusedError | ModelUnavailableError)
+    return error_response(request.url.path, domain_error(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     path, method = request.url.path, request.method
@@ -114,6 +138,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 EXCEPTION_HANDLERS = {
     ApiError: _api_error,
+    UnknownModelError: _domain_error,
+    AdmissionRefusedError: _domain_error,
+    ModelUnavailableError: _domain_error,
     StarletteHTTPException: _http_error,
     RequestValidationError: _validation_error,
 }

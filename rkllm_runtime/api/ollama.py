@@ -16,38 +16,33 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from rkllm_runtime.api.common import (
-    AUTO_MODEL,
-    MAX_MESSAGES,
-    MAX_TOOLS,
-    Delta,
+from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.errors import bad_request
+from rkllm_runtime.api.generation import (
     Generation,
-    GuardedStream,
-    Outcome,
-    OutputAssembler,
-    ToolSpec,
-    apply_sampling_policy,
     collect_whole,
-    dumps,
-    json_body,
-    read_json,
-    refuse_structured_output,
-    reject_unsupported,
     render_prompt,
-    resolve_model,
     run_error,
     run_generation,
-    scheduler_of,
     start_generation,
-    tools_text,
-    until_disconnect,
 )
-from rkllm_runtime.api.errors import ApiError, bad_request
+from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of, until_disconnect
+from rkllm_runtime.api.request_fields import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    ToolSpec,
+    refuse_structured_output,
+    reject_unsupported,
+    tools_text,
+)
+from rkllm_runtime.api.sampling import apply_sampling_policy
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
-from rkllm_runtime.registry import ModelUnavailableError, footprint_mb
-from rkllm_runtime.scheduler import AdmissionRefusedError, Job
+from rkllm_runtime.registry import footprint_mb
+from rkllm_runtime.routing import AUTO_MODEL, resolve_model
+from rkllm_runtime.scheduler import Job
 
 router = APIRouter(prefix="/api")
 
@@ -336,18 +331,13 @@ async def _load_or_unload(
     unload = keep_alive in (0, "0", "0s", "0m")
     if unload and model.pinned:
         raise bad_request(f"model {model.name} is pinned and stays loaded")
-    try:
-        ticket = scheduler.admit(model.name)
-    except AdmissionRefusedError as exc:
-        raise ApiError(503, str(exc), retry_after=exc.retry_after) from exc
+    ticket = scheduler.admit(model.name)
     try:
         await until_disconnect(request, ticket.wait())
         if unload:
             await scheduler.registry.unload(model.name)
         else:
             await scheduler.registry.ensure(model.name)
-    except ModelUnavailableError as exc:
-        raise ApiError(503, str(exc), retry_after=5) from exc
     finally:
         ticket.release()
     body: dict[str, Any] = {

@@ -11,8 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
-from rkllm_runtime.api.common import AUTO_MODEL, LATEST_TAG, dumps, json_body, read_json, scheduler_of
+from rkllm_runtime.api.body import json_body, read_json
 from rkllm_runtime.api.errors import ApiError
+from rkllm_runtime.api.plumbing import dumps, scheduler_of
+from rkllm_runtime.routing import AUTO_MODEL, LATEST_TAG
 
 router = APIRouter(prefix="/api")
 root_router = APIRouter()

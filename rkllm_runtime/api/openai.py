@@ -18,37 +18,32 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from rkllm_runtime.api.common import (
-    AUTO_MODEL,
-    LATEST_TAG,
+from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.errors import bad_request, sse_error_event
+from rkllm_runtime.api.generation import (
+    Generation,
+    collect_whole,
+    render_prompt,
+    run_error,
+    run_generation,
+    start_generation,
+)
+from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of
+from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
     MAX_TOOLS,
-    Delta,
-    Generation,
-    GuardedStream,
-    Outcome,
-    OutputAssembler,
     ToolSpec,
-    apply_sampling_policy,
-    collect_whole,
-    dumps,
-    json_body,
-    read_json,
     refuse_forced_tool_choice,
     refuse_structured_output,
     reject_unsupported,
-    render_prompt,
-    resolve_model,
-    run_error,
-    run_generation,
-    scheduler_of,
-    start_generation,
     tools_text,
 )
-from rkllm_runtime.api.errors import ApiError, bad_request, sse_error_event
+from rkllm_runtime.api.sampling import apply_sampling_policy
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.errors import RkllmError
+from rkllm_runtime.routing import AUTO_MODEL, LATEST_TAG, UnknownModelError, resolve_model
 from rkllm_runtime.scheduler import Job
 
 router = APIRouter(prefix="/v1")
@@ -220,7 +215,7 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     config = scheduler_of(request).config
     bare = name.removesuffix(LATEST_TAG)
     if bare != AUTO_MODEL and config.model(bare) is None:
-        raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+        raise UnknownModelError(name, [AUTO_MODEL, *(m.name for m in config.models)])
     return {"id": bare, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
 
 

@@ -20,28 +20,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rkllm_runtime.api.common import (
+from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.errors import ApiError, bad_request
+from rkllm_runtime.api.generation import Generation, collect_whole, run_error, run_generation
+from rkllm_runtime.api.openai import ChatTurn, start_turn
+from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of
+from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
     MAX_TOOLS,
-    Delta,
     FunctionSpec,
-    Generation,
-    GuardedStream,
-    Outcome,
-    OutputAssembler,
     ToolSpec,
-    collect_whole,
-    dumps,
-    json_body,
-    read_json,
     refuse_structured_output,
     reject_unsupported,
-    run_error,
-    run_generation,
-    scheduler_of,
 )
-from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.api.openai import ChatTurn, start_turn
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.errors import RkllmError
 
