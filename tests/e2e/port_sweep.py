@@ -98,11 +98,11 @@ def sweep(addresses: list[str], ports: list[int], protocol: str, window: int,
             else:
                 deadlines.append((time.monotonic() + timeout, sock))
         for key, _ in selector.select(timeout=0.05):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            outcome = _outcome(sock, protocol)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            outcome = _outcome(ready, protocol)
             if outcome is not None:
-                finish(sock, outcome)
+                finish(ready, outcome)
         # Deadlines were appended in order: the expired ones are at the left.
         now = time.monotonic()
         while deadlines and deadlines[0][0] <= now:
