@@ -166,6 +166,17 @@ def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str
     monitor = tables["mon4"].read_text()
     assert "serving_v4" not in monitor and "dport { 80, 443 }" not in monitor
     assert f"tcp dport {{ {NODE_EXPORTER_PORT} }} counter drop" in monitor
+    # Every host: policy drop, then loopback, invalid dropped, replies, ICMP, and the allow-lists
+    # after them; the policy's own drops are counted last.
+    for table in (board, balancer, monitor):
+        rules = [line.strip() for line in table.splitlines() if line.strip()[:1] not in ("", "#")]
+        start = rules.index("type filter hook input priority filter; policy drop;")
+        assert rules[start + 1:start + 4] == [
+            'iifname "lo" accept', "ct state invalid counter drop", "ct state established,related accept"]
+        icmp = next(i for i, rule in enumerate(rules) if rule.startswith("icmpv6 type { destination-"))
+        ssh = next(i for i, rule in enumerate(rules) if f"dport {{ {SSH_PORT} }}" in rule)
+        assert start < icmp < ssh
+        assert rules[-3] == 'counter comment "dropped by policy"'
     for path in tables.values():
         checked = _sh("nft", "-c", "-f", str(path), check=False)
         assert checked.returncode == 0, checked.stderr
