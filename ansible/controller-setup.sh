@@ -13,7 +13,7 @@ packages=(
   make gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross   # test double, host and aarch64
   python3 python3-venv python3-dev git openssh-client curl rsync    # controller
   debootstrap qemu-user-static binfmt-support systemd-container       # simulated boards
-  iproute2 nftables                                                   # simulated network, firewall checks
+  iproute2 nftables iputils-ping                                      # simulated network, firewall checks
   nginx libnginx-mod-http-js                                          # balancer config checks and bench
   prometheus prometheus-alertmanager                                  # promtool, amtool checks, alert tests
 )

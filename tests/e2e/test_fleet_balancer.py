@@ -14,10 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e.playbooks import playbook
 from e2e.waiting import wait_until
+from fleet.host import Host
 from fleet.sim import Fleet
 
 # Provisioning (site.yml) happens in the first test's setup and the rolling update re-runs the board
@@ -146,20 +148,133 @@ def test_a_batch_spreads_over_every_board(fleet: Fleet) -> None:
     assert all(share > 0 for share in shares.values()), shares
 
 
-def test_board_port_only_from_balancer_and_ssh_survives_second_apply(fleet: Fleet,
-                                                                     second_firewall_run: str) -> None:
-    # Second application: nothing changes on any host (firewall and nginx are idempotent).
+SWEEP_SCRIPT = Path(__file__).with_name("port_sweep.py")
+# A port no role opens, on which a board gets a UDP echo listener for the drop proof.
+UNLISTED_UDP_PORT = 40404
+
+
+def sweep(netns: str | None, protocol: str, addresses: list[str],
+          ports: str = "1-65535") -> dict[str, dict[str, Any]]:
+    """port_sweep.py from a network namespace (None: the controller's own): per address its "open" and
+    "refused" ports and how many stayed "silent"."""
+    command = [sys.executable, str(SWEEP_SCRIPT), protocol, "--ports", ports, *addresses]
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(done.stdout)
+
+
+def summary(result: dict[str, dict[str, Any]]) -> dict[str, tuple[list[int], int, int]]:
+    """Per address: the open ports, how many were refused, how many stayed silent."""
+    return {a: (r["open"], len(r["refused"]), r["silent"]) for a, r in result.items()}
+
+
+def listening_tcp_ports(host: Host) -> set[int]:
+    """TCP ports a host listens on beyond loopback (what a sweep could find if the firewall let it)."""
+    lines = host.exec(["ss", "-Htln"]).stdout.splitlines()
+    local = [line.split()[3] for line in lines]
+    return {int(a.rsplit(":", 1)[1]) for a in local if not a.startswith(("127.", "[::1]"))}
+
+
+def policy_drops(host: Host) -> int:
+    chain = host.exec(["nft", "list", "chain", "inet", "rkllm_fleet", "input"]).stdout
+    line = next(line for line in chain.splitlines() if 'comment "dropped by policy"' in line)
+    return int(line.split("packets")[1].split()[0])
+
+
+def test_firewall_second_apply_changes_nothing_and_keeps_the_controllers_ssh(fleet: Fleet,
+                                                                           second_firewall_run: str) -> None:
+    # Second application over SSH: nothing changes on any host (firewall and nginx are idempotent),
+    # and the controller, whose SSH carried both runs, still gets in afterwards.
     recap = dict(re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", second_firewall_run, re.M))
     assert recap == {host: "0" for host in (*BOARDS, "balancer1")}, second_firewall_run[-3000:]
+    for host in (*[fleet.board(b) for b in BOARDS], fleet.balancer):
+        ssh = subprocess.run(host.ssh_args("nft list tables"), capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert ssh.returncode == 0, (host.name, ssh.stderr)
+        assert ssh.stdout.count("table inet rkllm_fleet") == 1
+        assert "policy drop" in host.exec(["nft", "list", "chain", "inet", "rkllm_fleet", "input"]).stdout
+
+
+def test_firewall_sweeps_find_only_the_allowed_ports(fleet: Fleet, second_firewall_run: str) -> None:
+    boards = [fleet.board(b) for b in BOARDS]
+    board2, balancer = fleet.board("board2"), fleet.balancer
+    listening = {host.name: listening_tcp_ports(host) for host in (*boards, balancer)}
+    # The boards serve and run sshd (node_exporter too once the monitoring role ran): silence below is
+    # the firewall's, not an empty host.
+    assert all({22, 8080} <= listening[b] for b in BOARDS), listening
+    api_ports = listening["balancer1"] & {80, 443}
+    assert 80 in api_ports, listening
+    addresses = [host.address for host in (*boards, balancer)]
+
+    # From the client: nothing on a board, only the API on the balancer; no other port answers with a
+    # reset either (a drop policy, not closed ports), and board2's policy counts the dropped SYNs.
+    drops_before = policy_drops(board2)
+    from_client = sweep(fleet.client_netns, "tcp", addresses)
+    print("TCP from the client (open, refused, silent):", summary(from_client))
+    assert {a: r["open"] for a, r in from_client.items()} == {
+        **{b.address: [] for b in boards}, balancer.address: sorted(api_ports)}
+    # The allow-list's API port that nothing listens on (443 without TLS) is the only reset: the
+    # sweep does tell a closed port from a dropped one.
+    assert {a: r["refused"] for a, r in from_client.items()} == {
+        **{b.address: [] for b in boards}, balancer.address: sorted({80, 443} - api_ports)}, from_client
+    assert policy_drops(board2) - drops_before >= 65535 - len(listening["board2"])
+
+    # The allow-lists per source, on the ports the hosts listen on: the controller gets SSH (and the
+    # API); the balancer, also the monitor host, gets the serving port and node_exporter, not SSH.
+    all_listening = ",".join(str(p) for p in sorted(set().union(*listening.values())))
+    from_controller = sweep(None, "tcp", addresses, all_listening)
+    from_balancer = sweep(balancer.spec.netns, "tcp", [b.address for b in boards], all_listening)
+    print("TCP open from the controller:", {a: r["open"] for a, r in from_controller.items()},
+          "from the balancer:", {a: r["open"] for a, r in from_balancer.items()})
+    assert {a: r["open"] for a, r in from_controller.items()} == {
+        **{b.address: [22] for b in boards}, balancer.address: sorted({22} | api_ports)}
+    assert {a: r["open"] for a, r in from_balancer.items()} == {
+        b.address: sorted(listening[b.name] & {8080, 9100}) for b in boards}
+
+    # UDP: a listener on board2 that answers every datagram, on a port no rule names, stays silent
+    # to the whole sweep; no host answers a UDP probe, not even with port-unreachable (without the
+    # table the kernel answers closed ports with ICMP errors).
+    echo = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"s.bind(('0.0.0.0', {UNLISTED_UDP_PORT}))\n"
+            "while True:\n    data, peer = s.recvfrom(2048); s.sendto(data, peer)\n")
+    board2.exec(["systemd-run", "--unit", "rkllm-sweep-udp-echo", "python3", "-c", echo])
+    try:
+        wait_until(lambda: f":{UNLISTED_UDP_PORT} " in board2.exec(["ss", "-Hlun"]).stdout,
+                   "UDP echo listener on board2")
+        udp = sweep(fleet.client_netns, "udp", addresses)
+        print("UDP from the client (open, refused, silent):", summary(udp))
+        assert all(r["open"] == [] and r["refused"] == [] for r in udp.values()), udp
+        # The same sweep finds the listener once a rule allows its port: silence above was the drop.
+        board2.exec(["nft", "insert", "rule", "inet", "rkllm_fleet", "input", "udp", "dport",
+                     str(UNLISTED_UDP_PORT), "accept"])
+        nearby = f"{UNLISTED_UDP_PORT - 500}-{UNLISTED_UDP_PORT + 500}"
+        allowed = sweep(fleet.client_netns, "udp", [board2.address], nearby)
+        assert allowed[board2.address]["open"] == [UNLISTED_UDP_PORT], allowed
+    finally:
+        board2.exec(["systemctl", "stop", "rkllm-sweep-udp-echo"], check=False)
+        # What the role's handler runs: the whole table again, without the test's rule.
+        board2.exec(["nft", "-f", "/etc/nftables.d/rkllm_fleet.nft"])
+    table = board2.exec(["nft", "list", "table", "inet", "rkllm_fleet"]).stdout
+    assert f"dport {UNLISTED_UDP_PORT}" not in table
+
+    # ICMP: ping answers (echo is rate-limited, not closed).
+    for address in addresses:
+        ping = fleet.client_exec(["ping", "-c", "3", "-i", "0.2", "-W", "10", address], check=False)
+        assert ping.returncode == 0, (address, ping.stdout)
+
+
+STATUS_OF = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30"]
+
+
+def test_ready_and_metrics_stay_off_the_balancer(fleet: Fleet) -> None:
     board = fleet.board("board2").address
-    health = ["curl", "-sS", "--max-time", "3", f"http://{board}:8080/health"]
-    assert fleet.client_exec(health, check=False).returncode != 0
-    from_balancer = fleet.balancer.exec(health)
-    assert from_balancer.returncode == 0
-    ssh = subprocess.run(fleet.board("board2").ssh_args("true"), capture_output=True, timeout=30, check=False)
-    assert ssh.returncode == 0, ssh.stderr
-    tables = fleet.board("board2").exec(["nft", "list", "tables"]).stdout
-    assert tables.count("table inet rkllm_fleet") == 1
+    # The monitor (the balancer host) reaches them on the board: a 404 below is nginx's, not a missing path.
+    for path in ("/ready", "/metrics"):
+        direct = fleet.balancer.exec([*STATUS_OF, f"http://{board}:8080{path}"]).stdout
+        assert direct == "200", (path, direct)
+        through = fleet.client_exec([*STATUS_OF, f"{base_url(fleet)}{path}"]).stdout
+        assert through == "404", (path, through)
 
 
 def access_log_length(fleet: Fleet) -> int:

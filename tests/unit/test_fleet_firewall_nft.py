@@ -166,6 +166,17 @@ def test_rendered_tables_pass_nft_check_and_cover_both_families(tables: dict[str
     monitor = tables["mon4"].read_text()
     assert "serving_v4" not in monitor and "dport { 80, 443 }" not in monitor
     assert f"tcp dport {{ {NODE_EXPORTER_PORT} }} counter drop" in monitor
+    # Every host: policy drop, then loopback, invalid dropped, replies, ICMP, and the allow-lists
+    # after them; the policy's own drops are counted last.
+    for table in (board, balancer, monitor):
+        rules = [line.strip() for line in table.splitlines() if line.strip()[:1] not in ("", "#")]
+        start = rules.index("type filter hook input priority filter; policy drop;")
+        assert rules[start + 1:start + 4] == [
+            'iifname "lo" accept', "ct state invalid counter drop", "ct state established,related accept"]
+        icmp = next(i for i, rule in enumerate(rules) if rule.startswith("icmpv6 type { destination-"))
+        ssh = next(i for i, rule in enumerate(rules) if f"dport {{ {SSH_PORT} }}" in rule)
+        assert start < icmp < ssh
+        assert rules[-3] == 'counter comment "dropped by policy"'
     for path in tables.values():
         checked = _sh("nft", "-c", "-f", str(path), check=False)
         assert checked.returncode == 0, checked.stderr
@@ -249,3 +260,58 @@ def test_balancer_accepts_vrrp_only_from_the_other_balancers(
     assert _vrrp_drops(lb2) == 0
     _send_vrrp(fleet_net["client"], BOARD_CLI_V4)
     assert _vrrp_drops(lb2) == 1
+
+
+def _udp_answer(ns: str, address: str, port: int) -> str:
+    """'answer', 'refused' (ICMP port unreachable) or 'silent' for one probe datagram from ns."""
+    code = (
+        "import socket\n"
+        f"fam = socket.AF_INET6 if ':' in {address!r} else socket.AF_INET\n"
+        "s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(3)\n"
+        f"s.connect(({address!r}, {port})); s.send(b'probe')\n"
+        "try:\n    s.recv(64); print('answer')\n"
+        "except ConnectionRefusedError:\n    print('refused')\n"
+        "except TimeoutError:\n    print('silent')\n"
+    )
+    return _in(ns, sys.executable, "-c", code).stdout.strip()
+
+
+def _udp_echo(ns: str, port: int) -> subprocess.Popen[bytes]:
+    code = ("import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+            f"s.bind(('::', {port}))\n"
+            "while True:\n    data, peer = s.recvfrom(64); s.sendto(data, peer)\n")
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
+
+
+def test_input_policy_drops_unlisted_udp_and_tcp_and_keeps_icmp(
+    tables: dict[str, Path], board_listening: dict[str, str],
+) -> None:
+    board_ns, client = board_listening["board"], board_listening["client"]
+    unlisted_udp, closed_udp = 40404, 40405
+    echo = _udp_echo(board_ns, unlisted_udp)
+    try:
+        # Without the table the listener answers and a closed port is refused by the kernel.
+        deadline = time.monotonic() + 30
+        while _udp_answer(client, BOARD_CLI_V4, unlisted_udp) != "answer":
+            assert time.monotonic() < deadline, "UDP echo listener in the board namespace did not start"
+        assert _udp_answer(client, BOARD_CLI_V4, closed_udp) == "refused"
+
+        _apply(board_ns, tables["board"])
+        for address in (BOARD_CLI_V4, BOARD_CLI_V6):
+            assert _udp_answer(client, address, unlisted_udp) == "silent"
+            assert _udp_answer(client, address, closed_udp) == "silent"
+            # ping and (IPv6) neighbour discovery still work: the neighbour entry is flushed first.
+            _in(client, "ip", "neigh", "flush", "all")
+            ping = _in(client, "ping", "-c", "2", "-i", "0.2", "-W", "5", address, check=False)
+            assert ping.returncode == 0, ping.stdout
+        # The board's own loopback and its outgoing connections' replies are untouched.
+        assert _udp_answer(board_ns, "127.0.0.1", unlisted_udp) == "answer"
+        assert _udp_answer(board_ns, "::1", unlisted_udp) == "answer"
+        chain = _in(board_ns, "nft", "list", "chain", "inet", "rkllm_fleet", "input").stdout
+        assert "policy drop;" in chain and "ct state invalid counter" in chain
+        dropped = int(chain.split('comment "dropped by policy"')[0].rsplit("packets", 1)[1].split()[0])
+        assert dropped >= 4
+    finally:
+        echo.kill()
+        echo.wait()
