@@ -41,6 +41,7 @@ from rkllm_runtime.scheduler import (
     Job,
     Scheduler,
     Started,
+    ToolsRefusedError,
     check_context,
 )
 
@@ -424,6 +425,9 @@ async def start_generation(request: Request, model: ModelConfig, job: Job) -> Ge
         await events.aclose()
         scheduler.metrics.rejected.labels(model.name, "model_unavailable").inc()
         raise ApiError(503, str(exc), code="model_unavailable", retry_after=5) from exc
+    except ToolsRefusedError as exc:
+        await events.aclose()
+        raise bad_request(str(exc), param="tools", code="invalid_tools") from exc
     except BaseException:
         await events.aclose()
         raise

@@ -24,7 +24,7 @@ from test_server_templates import render_server_config
 
 from rkllm_runtime.config import load_config, parse_config
 from rkllm_runtime.registry import KvSlot, LoadedModel
-from rkllm_runtime.scheduler import Job, choose_slot
+from rkllm_runtime.slot_policy import choose_slot, continues
 
 __all__ = ["start_server"]
 
@@ -72,45 +72,125 @@ def slot_states(http: httpx.Client) -> dict[str, str]:
 
 # --- slot choice, as a pure function -------------------------------------------------------------
 
+NOW = 1000.0  # time.monotonic() of the choice in these tests; slots were last used a little before
 
-def loaded_with(texts: list[str], last_used: list[float], kv_cache_reuse: bool = True) -> LoadedModel:
+
+def loaded_with(
+    texts: list[str],
+    last_used: list[float],
+    kv_cache_reuse: bool = True,
+    conversations: frozenset[int] = frozenset(),
+    keep_seconds: float = 300.0,
+) -> LoadedModel:
     config = parse_config(
-        {"models": [{"name": "m", "path": "/m", "kv_slots": len(texts), "kv_cache_reuse": kv_cache_reuse}]}
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "path": "/m",
+                    "kv_slots": len(texts),
+                    "kv_cache_reuse": kv_cache_reuse,
+                    "kv_slot_keep_seconds": keep_seconds,
+                }
+            ]
+        }
     )
     slots = [
-        KvSlot(index, engine=None, kv_text=text, last_used=used)  # type: ignore[arg-type]
+        KvSlot(index, engine=None, kv_text=text, last_used=used, conversation=index in conversations)  # type: ignore[arg-type]
         for index, (text, used) in enumerate(zip(texts, last_used, strict=True))
     ]
     return LoadedModel(config.models[0], slots, load_seconds=0.0, loaded_at=0.0)
 
 
+def chosen(model: LoadedModel, prompt: str, tools_json: str = "", now: float = NOW) -> int:
+    return choose_slot(model, prompt, tools_json, now).index
+
+
+def serve(model: LoadedModel, prompt: str, now: float, later_turn: bool = False) -> int:
+    """What the scheduler does to the slots around one request; returns the slot it ran on."""
+    slot = choose_slot(model, prompt, "", now)
+    slot.conversation = continues(slot, prompt, "") or later_turn
+    slot.kv_text, slot.last_used = f"{prompt}<reply>", now
+    return slot.index
+
+
 def test_the_slot_holding_the_longest_prefix_wins():
-    model = loaded_with(["<a>", "<a><b>", "<c>"], last_used=[3.0, 1.0, 2.0])
-    assert choose_slot(model, Job("<a><b><d>")).index == 1
-    assert choose_slot(model, Job("<a><x>")).index == 0
+    model = loaded_with(["<a>", "<a><b>", "<c>"], last_used=[998.0, 996.0, 997.0], conversations={2})
+    assert chosen(model, "<a><b><d>") == 1
+    assert chosen(model, "<a><x>") == 0
+    assert chosen(model, "<c><more>") == 2
 
 
 def test_a_new_conversation_takes_an_empty_slot_before_evicting():
-    model = loaded_with(["<a>", "", "<c>"], last_used=[1.0, 5.0, 2.0])
-    assert choose_slot(model, Job("<new>")).index == 1
+    model = loaded_with(["<a>", "", "<c>"], last_used=[991.0, 995.0, 992.0])
+    assert chosen(model, "<new>") == 1
 
 
-def test_without_an_empty_slot_the_least_recently_used_is_reused():
-    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[3.0, 1.0, 2.0])
-    assert choose_slot(model, Job("<new>")).index == 1
+def test_one_turn_caches_are_recycled_most_recent_first():
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[998.0, 996.0, 997.0])
+    assert chosen(model, "<new>") == 0, "the older one-turn caches may still be continued"
+
+
+def test_a_conversation_is_evicted_only_when_every_slot_holds_one():
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[999.0, 990.0, 995.0], conversations={0, 1})
+    assert chosen(model, "<new>") == 2, "the one-turn cache, although the most recently used"
+    model.slots[2].conversation = True
+    assert chosen(model, "<new>") == 1, "then the least recently used conversation"
+
+
+def test_protection_ends_after_the_keep_window():
+    model = loaded_with(["<a>", "<b>"], last_used=[NOW - 301.0, NOW - 5.0], conversations={0})
+    assert chosen(model, "<new>") == 0, "idle past the window: its user is gone"
+    assert chosen(model, "<new>", now=NOW - 2.0) == 1, "inside the window the one-turn cache goes first"
+    # Past the window even a one-turn cache goes before a fresher one, least recently used first.
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[NOW - 400.0, NOW - 350.0, NOW - 1.0])
+    assert chosen(model, "<new>") == 0
+
+
+def test_keep_seconds_zero_is_plain_least_recently_used():
+    model = loaded_with(["<a>", "<b>", "<c>"], [997.0, 999.0, 998.0], conversations={0}, keep_seconds=0)
+    assert chosen(model, "<new>") == 0
+
+
+@pytest.mark.parametrize(("keep_seconds", "survives"), [(300.0, True), (0.0, False)])
+def test_a_conversation_survives_a_stream_of_one_turn_requests(keep_seconds, survives):
+    model = loaded_with(["", ""], [0.0, 0.0], keep_seconds=keep_seconds)
+    history = "<sys><q1>"
+    home = serve(model, history, now=100.0)  # its first turn looks like any one-turn request
+    for second in range(5):  # the user reads the answer while other users ask one question each
+        serve(model, f"<sys><one-shot {second}>", now=101.0 + second)
+    history += "<reply><q2>"
+    assert continues(choose_slot(model, history, "", 110.0), history, "") == survives
+    if survives:
+        assert serve(model, history, now=110.0) == home
+        for second in range(20):
+            serve(model, f"<sys><later one-shot {second}>", now=111.0 + second)
+        history += "<reply><q3>"
+        assert continues(choose_slot(model, history, "", 140.0), history, "")
+
+
+def test_a_later_turn_that_missed_is_protected_at_once():
+    """A conversation that moved boards (or lost its cache) prefills its history once, then keeps it."""
+    model = loaded_with(["<x>", "<y>"], [90.0, 91.0])
+    history = "<sys><q1><reply><q2>"
+    serve(model, history, now=100.0, later_turn=True)
+    for second in range(5):
+        serve(model, f"<sys><one-shot {second}>", now=101.0 + second)
+    history += "<reply><q3>"
+    assert continues(choose_slot(model, history, "", 110.0), history, "")
 
 
 def test_a_cache_built_under_other_tools_is_not_continued():
     tools = '[{"type": "function"}]'
-    model = loaded_with(["<a>", "<b>"], last_used=[9.0, 1.0])
+    model = loaded_with(["<a>", "<b>"], last_used=[991.0, 999.0])
     model.slots[0].tools_json = tools
-    assert choose_slot(model, Job("<a><more>", tools_json=tools)).index == 0
-    assert choose_slot(model, Job("<a><more>")).index == 1, "the least recently used, not a continuation"
+    assert chosen(model, "<a><more>", tools) == 0
+    assert chosen(model, "<a><more>") == 1, "the one-turn slot to recycle, not a continuation"
 
 
 def test_with_cache_reuse_off_no_slot_is_continued():
-    model = loaded_with(["<a>", "<b>"], last_used=[2.0, 1.0], kv_cache_reuse=False)
-    assert choose_slot(model, Job("<a><more>")).index == 1
+    model = loaded_with(["<a>", "<b>"], last_used=[991.0, 999.0], kv_cache_reuse=False)
+    assert chosen(model, "<a><more>") == 1
 
 
 # --- end to end: the real server, binding and double ---------------------------------------------
@@ -162,19 +242,49 @@ def test_one_slot_shared_by_two_conversations_evicts_every_turn(start_server, ma
         assert metric(http, "rkllm_prompt_tokens_cached_total") == 0
 
 
-def test_the_least_recently_used_conversation_is_evicted(start_server, make_model):
+def test_a_one_turn_cache_is_evicted_before_a_conversation(start_server, make_model):
     server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
     a, b, c = Conversation("a"), Conversation("b"), Conversation("c")
     with server.http() as http:
         a.turn(http, 1)
         b.turn(http, 1)
-        assert cached(a.turn(http, 2)) > 0
-        c.turn(http, 1)  # both slots hold a conversation: b's was used least recently
+        assert cached(a.turn(http, 2)) > 0  # a's slot now holds a conversation
+        c.turn(http, 1)  # both slots are taken: b's holds one turn only
         assert metric(http, "rkllm_kv_slot_evictions_total") == 1
         assert cached(a.turn(http, 3)) > 0, "a's slot was kept"
         assert cached(b.turn(http, 2)) == 0, "b's cache was the one reused"
-        assert cached(c.turn(http, 2)) == 0, "b took c's slot, the least recently used by then"
+        assert cached(c.turn(http, 2)) == 0, "b took c's one-turn slot, not a's conversation"
         assert metric(http, "rkllm_kv_slot_evictions_total") == 3
+        # b's second turn carried a reply, so its slot holds a conversation too: c evicts the least
+        # recently used of the two, and that is counted as a conversation lost.
+        assert metric(http, "rkllm_kv_slot_conversation_evictions_total") == 1
+
+
+@pytest.mark.parametrize(("keep_seconds", "kept"), [(300.0, True), (0.0, False)])
+def test_a_conversation_keeps_its_cache_among_one_turn_requests(
+    start_server, make_model, keep_seconds, kept
+):
+    """Other users' one-shot questions to the same model recycle one slot; the conversation keeps the
+    other, and every reply continues its own history (compared with a server that never reuses)."""
+    config = {"kv_slots": 2, "kv_slot_keep_seconds": keep_seconds}
+    slotted = start_server([model_entry(make_model, QWEN, config=config)])
+    fresh = start_server([model_entry(make_model, QWEN, config={"kv_cache_reuse": False})])
+    chat, one_shots = Conversation("a long chat"), []
+    with slotted.http() as http:
+        for index in range(1, 6):
+            assert (cached(chat.turn(http, index)) > 0) == (index > 1 and kept), index
+            for other in range(3):
+                one_shot = Conversation(f"one question {index}.{other}")
+                one_shot.turn(http, 1)
+                one_shots.append(one_shot)
+        lost = metric(http, "rkllm_kv_slot_conversation_evictions_total")
+    assert lost == 0, "no conversation was evicted while a one-turn slot was there to reuse"
+    with fresh.http() as http:
+        for original in [chat, *one_shots[:3]]:
+            replay = Conversation(original.opening)
+            for index in range(1, len(original.messages) // 2 + 1):
+                replay.turn(http, index)
+            assert replay.messages == original.messages, f"{original.opening}: a reply crossed slots"
 
 
 def test_a_turn_goes_to_the_slot_holding_the_most_of_its_conversation(start_server, make_model, double_log):
