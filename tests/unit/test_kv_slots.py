@@ -492,6 +492,9 @@ def test_the_server_role_renders_the_chosen_slots_and_its_override(tmp_path, mak
     model = {"name": QWEN, "path": str(make_model("q")), "kind": "quick", "memory_mb": 1660, "kv_slots": 2}
     other = {**model, "name": "Other", "kv_slots": 2}
     config_path = render_server_config(
-        tmp_path / "render", [model, other], rkllm_server_model_settings={"Other": {"kv_slots": 3}}
+        tmp_path / "render",
+        [model, other],
+        rkllm_server_model_settings={"Other": {"kv_slots": 3, "kv_slot_keep_seconds": 600}},
     )
-    assert [m.kv_slots for m in load_config(config_path).models] == [2, 3]
+    models = load_config(config_path).models
+    assert [(m.kv_slots, m.kv_slot_keep_seconds) for m in models] == [(2, 300.0), (3, 600.0)]
