@@ -32,6 +32,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,15 +182,27 @@ async def run_cell(base: str, cell: str, conversations: int, model: str = "qwen"
     return result
 
 
-def moves_per_conversation(log: str) -> float:
-    """Turns answered by another board than the conversation's previous turn (from nginx's access log,
-    where each turn's URI names its conversation and turn), per conversation."""
+def turn_boards(log: str) -> dict[int, dict[int, str]]:
+    """The board that answered each turn, by conversation (from nginx's access log, where each turn's
+    URI names its conversation and turn)."""
     boards: dict[int, dict[int, str]] = {}
     for conv, turn, tried in re.findall(TURN_LOGGED, log):
         boards.setdefault(int(conv), {})[int(turn)] = re.split(r", | : ", tried)[-1]
+    return boards
+
+
+def moves_per_conversation(boards: dict[int, dict[int, str]]) -> float:
+    """Turns answered by another board than the conversation's previous turn, per conversation."""
     moves = [sum(1 for t in turns if t - 1 in turns and turns[t] != turns[t - 1])
              for turns in boards.values()]
     return statistics.mean(moves) if moves else float("nan")
+
+
+def placement(boards: dict[int, dict[int, str]], n: int) -> str:
+    """Conversations whose first turn each board answered, most first (e.g. 3/2/1 for 6 on 3 boards)."""
+    homes = Counter(turns[min(turns)] for turns in boards.values())
+    counts = sorted(homes.values(), reverse=True) + [0] * (n - len(homes))
+    return "/".join(str(count) for count in counts)
 
 
 def cache_shares(conversations: list[list[Turn]]) -> tuple[float, float]:
@@ -213,7 +226,7 @@ def misses(conversations: list[list[Turn]]) -> int:
 
 
 def row(kv_slots: int, keep: str, n: int, conversations: int, routing: str, result: CellResult,
-        moves: float, turns_wanted: int) -> str:
+        moves: float, placed: str, turns_wanted: int) -> str:
     complete = [turns for turns in result.turns if len(turns) == turns_wanted]
     p50 = [statistics.median(turns[t].ttft for turns in complete) if complete else float("nan")
            for t in range(turns_wanted)]
@@ -222,7 +235,7 @@ def row(kv_slots: int, keep: str, n: int, conversations: int, routing: str, resu
     return (f"| {kv_slots} | {keep} | {result.one_shots} | {conversations} ({conversations // n}N) | "
             f"{routing} | {ttfts} | {p50[TURNS - 1] / p50[0]:.2f} | {100 * share_all:.0f} % | "
             f"{100 * share_later:.0f} % | {100 * cache_ceiling(complete):.0f} % | {misses(complete)} | "
-            f"{moves:.2f} | {result.refused} | {result.errors + conversations - len(complete)} | "
+            f"{placed} | {moves:.2f} | {result.refused} | {result.errors + conversations - len(complete)} | "
             f"{result.seconds:.0f} |")
 
 
@@ -232,11 +245,12 @@ async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], sl
     print(f"{n} boards; TTFT p50 ms of turns 1-{turns}; 'keep s' = kv_slot_keep_seconds (0: least recently "
           f"used); 'one-shots' = one-turn requests answered meanwhile ({one_shots} clients); 'ceiling' = "
           "from cache over all turns if no later turn missed; 'missed' = later turns with nothing cached; "
+          "'placed' = conversations that started on each board; "
           "'moves' = turns answered by another board than the conversation's previous turn, per conversation")
     print(f"| kv_slots | keep s | one-shots | conversations | routing | TTFT p50 ms, turns 1-{turns} | "
           f"turn {TURNS} / turn 1 | from cache, all turns | from cache, turns 2-{turns} | ceiling | missed | "
-          "moves | 503 | errors | cell s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "placed | moves | 503 | errors | cell s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kv_slots in slot_counts:
         for keep in keeps:
             keep_text = "default" if keep is None else f"{keep:g}"
@@ -258,9 +272,10 @@ async def bench(workdir: Path, table_dir: Path, n: int, multiples: list[int], sl
                             cell = f"{name}-{multiple}-{routing}"
                             result = await run_cell(base, cell, n * multiple, turns=turns,
                                                     one_shots=one_shots)
-                            moves = moves_per_conversation(access_log(balancer)[offset:])
-                        print(row(kv_slots, keep_text, n, n * multiple, routing, result, moves, turns),
-                              flush=True)
+                            boards_of_turns = turn_boards(access_log(balancer)[offset:])
+                        print(row(kv_slots, keep_text, n, n * multiple, routing, result,
+                                  moves_per_conversation(boards_of_turns), placement(boards_of_turns, n),
+                                  turns), flush=True)
 
 
 async def against(base: str, model: str, conversations: int, turns: int, one_shots: int) -> None:
