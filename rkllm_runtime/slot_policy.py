@@ -1,19 +1,16 @@
 """Which KV slot of a model a request runs on, and so which cached conversation it evicts.
 
 A slot holds nothing, one request's cache (a one-shot question, or a conversation's first turn: the
-server cannot tell them apart), or a conversation (a cache that a later turn continued, or that a
+server cannot tell them apart) or a conversation (a cache that a later turn continued, or that a
 prompt carrying earlier replies filled). A request goes to the slot whose cache is the longest prefix
-of its prompt. A request that continues no slot takes, in this order:
+of its prompt. A request that continues none takes an empty slot, else the least recently used slot
+that is not a kept conversation, else the least recently used kept conversation. A conversation is
+kept while it is idle for less than the model's kv_slot_keep_seconds: other users' one-turn requests
+then recycle the other slots, and it is evicted only when every slot holds a kept conversation (more
+live conversations than slots). A first turn is kept only as long as least recently used keeps it;
+a later turn that missed (its first turn's cache was taken, or it moved boards) fills a kept slot.
 
-1. an empty slot;
-2. a slot idle for longer than the model's kv_slot_keep_seconds, least recently used first: its user
-   is gone;
-3. the most recently used one-request slot: a stream of one-shot requests recycles one slot instead
-   of sweeping every cache, so an older one-request cache (perhaps a first turn whose user is still
-   reading the answer) lives until its next turn;
-4. the least recently used conversation: only when every slot holds a conversation within its window.
-
-With kv_slot_keep_seconds = 0 every cache is past its window: plain least recently used.
+With kv_slot_keep_seconds = 0 nothing is kept: plain least recently used.
 """
 
 from __future__ import annotations
@@ -31,20 +28,14 @@ def kept_conversation(slot: KvSlot, keep_seconds: float, now: float) -> bool:
     return bool(slot.kv_text) and slot.conversation and now - slot.last_used < keep_seconds
 
 
-def _eviction_rank(slot: KvSlot, keep_seconds: float, now: float) -> tuple[int, float]:
-    if not slot.kv_text:
-        return 0, slot.last_used
-    if now - slot.last_used >= keep_seconds:
-        return 1, slot.last_used
-    if not slot.conversation:
-        return 2, -slot.last_used
-    return 3, slot.last_used
-
-
 def reusable_slot(model: LoadedModel, now: float) -> KvSlot:
-    """The slot a request that continues none of them takes (the module's rules 1-4)."""
+    """The slot a request that continues none of them takes: empty, else not kept, else kept; least
+    recently used first within each."""
     keep = model.config.kv_slot_keep_seconds
-    return min(model.slots, key=lambda slot: _eviction_rank(slot, keep, now))
+    return min(
+        model.slots,
+        key=lambda slot: (bool(slot.kv_text), kept_conversation(slot, keep, now), slot.last_used),
+    )
 
 
 def choose_slot(model: LoadedModel, prompt: str, tools_json: str, now: float) -> KvSlot:
