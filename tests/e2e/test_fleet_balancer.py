@@ -258,8 +258,8 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
     try:
         wait_until(lambda: len(answered()) == len(BOARDS), "every conversation has its first answer")
         # Other users ask the same model one-turn questions meanwhile, one per board on average: each
-        # takes a KV slot where it lands. Under plain LRU they evicted the idle conversations (33 % of
-        # later turns' prompt tokens from cache); the slot policy recycles one slot for them.
+        # takes a KV slot where it lands. The slot policy keeps a conversation's slot from its second
+        # turn on and lets them recycle the other one.
         stop = background_load(concurrency=len(BOARDS), max_tokens=8, model=QWEN)
         out, _ = conversations.communicate(timeout=600)
     finally:
@@ -278,9 +278,10 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
     # Each conversation kept on the board that answered its first turn (least_conn places them; the
     # bench staggers their starts, so two may share a board, which holds two KV slots).
     assert all(len(set(turns)) == 1 for turns in boards.values()), boards
-    # Turns 2-6 prefill only the new message although one-turn requests keep taking KV slots (the
-    # ideal for this conversation shape is ~87 %).
-    assert chats["from_cache_later"] >= 0.7
+    # Turns 2-6 prefill only the new message although one-turn requests keep taking KV slots: measured
+    # 86 % (the ideal for this shape is ~87 %); a turn 2 that lost its first turn's cache costs about
+    # 5 points, plain LRU gave 33 %.
+    assert chats["from_cache_later"] >= 0.75
 
 
 def nginx_workers(fleet: Fleet) -> set[str]:
