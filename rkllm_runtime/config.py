@@ -70,6 +70,10 @@ Format (every key optional unless marked; values shown are the defaults)::
     kv_slots = 1                     # rkllm handles (KV caches) of this model, each holding one
                                      # conversation; each loads the weights again (memory_mb each).
                                      # Still one generation at a time per model.
+    kv_slot_keep_seconds = 300.0     # a conversation's slot (a cache a later turn continued) idle for
+                                     # less than this is evicted only when every slot holds one; a
+                                     # stream of one-turn requests recycles one slot meanwhile
+                                     # (rkllm_runtime/slot_policy.py). 0 = least recently used only
     temperature = 0.8                # sampling is fixed at rkllm_init (see rkllm_runtime/api/openai.py)
     sampling = "configured"          # other sampling values in a request: "configured" generates with
                                      # these and names them in X-Rkllm-Sampling-Ignored; "strict": 400
@@ -155,6 +159,7 @@ class ModelConfig(_Strict):
     bytes_per_token: float = Field(default=4.0, gt=0)
     kv_cache_reuse: bool = True
     kv_slots: int = Field(default=1, ge=1)
+    kv_slot_keep_seconds: float = Field(default=300.0, ge=0)
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.9, ge=0, le=1)
     top_k: int = Field(default=1, ge=0, le=1000)

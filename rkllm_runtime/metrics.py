@@ -27,6 +27,8 @@ from rkllm_runtime.config import ServerConfig
 
 # What a model's KV slot is doing: no conversation, one conversation's cache, or generating.
 SlotState = Literal["empty", "holding", "running"]
+# Why a handle was destroyed and created again (rkllm_handle_reinits_total).
+ReinitReason = Literal["poisoned", "handle_failed"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -157,6 +159,22 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.kv_slot_conversation_evictions = Counter(
+            "rkllm_kv_slot_conversation_evictions",
+            "KV slots cleared while they held a conversation idle for less than kv_slot_keep_seconds "
+            "(every slot held one: more live conversations than slots)",
+            ["model"],
+            registry=r,
+        )
+        self.handle_reinits = Counter(
+            "rkllm_handle_reinits",
+            "rkllm handles destroyed and created again, by reason: poisoned (a run or probe left the handle "
+            "broken), handle_failed (a call carrying nothing of the request failed before its run: a cache "
+            "clear or query, an empty tool list). Tools the runtime refuses while the handle works re-init "
+            "nothing",
+            ["model", "reason"],
+            registry=r,
+        )
         self.kv_slot_state = Gauge(
             "rkllm_kv_slot_state",
             "1 for the state each KV slot of a loaded model is in (empty, holding a conversation, running)",
@@ -239,6 +257,9 @@ class Metrics:
             self.embedding_requests.labels(model.name)
             self.embedding_inputs.labels(model.name)
             self.kv_slot_evictions.labels(model.name)
+            self.kv_slot_conversation_evictions.labels(model.name)
+            for reinit in get_args(ReinitReason):
+                self.handle_reinits.labels(model.name, reinit)
             self.watchdog_fired.labels(model.name)
             for reason in ("queue_full", "model_unavailable", "run_error", "runtime_hung"):
                 self.rejected.labels(model.name, reason)

@@ -35,7 +35,10 @@ class KvSlot:
     tools_json: str = ""
     poisoned: bool = False
     running: bool = False
-    last_used: float = 0.0  # time.monotonic() when its last run ended: the least recent is reused first
+    last_used: float = 0.0  # time.monotonic() when its last run ended
+    # Its cache holds a later turn of a conversation (a continued cache, or a prompt with earlier
+    # replies), not a single request's: kept longer (rkllm_runtime/slot_policy.py).
+    conversation: bool = False
 
     @property
     def state(self) -> SlotState:

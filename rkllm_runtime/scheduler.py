@@ -4,9 +4,11 @@ A request first gets a Ticket (synchronously: a full queue is refused before any
 then waits for its turn; while it holds the turn it alone uses one of the model's KV slots (one
 rkllm handle each), so the NPU still runs one generation at a time per model. Every run keeps its
 history in the slot's KV cache and the text in the cache is tracked exactly, so a request whose
-rendered conversation starts with that text only sends the new suffix. A request goes to the slot
-holding the longest prefix of its conversation, else to an empty slot, else to the least recently
-used one, whose conversation is then evicted.
+rendered conversation starts with that text only sends the new suffix. Which slot a request takes,
+and whose cache it evicts, is rkllm_runtime/slot_policy.py.
+
+A runtime failure before anything ran costs the request, not the board: a handle is created again
+only when it is broken (it fails a neutral reset, or an earlier run left it so), counted by reason.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.embedding import embedding_vector
 from rkllm_runtime.engine import FinishEvent, GenerationRequest, HiddenStates, TokenEvent
 from rkllm_runtime.errors import RkllmError, RunError
-from rkllm_runtime.metrics import Metrics
+from rkllm_runtime.metrics import Metrics, ReinitReason
 from rkllm_runtime.registry import EngineFactory, KvSlot, LoadedModel, ModelRegistry, ModelUnavailableError
+from rkllm_runtime.slot_policy import choose_slot, continues, kept_conversation, reusable_slot
 
 PROBE_PROMPT = "ping"
 # A drain usually ends with a restart that takes a few seconds.
@@ -77,6 +80,16 @@ class RuntimeStuckError(AdmissionRefusedError):
         )
 
 
+class ToolsRefusedError(Exception):
+    """The runtime refused the request's tools while its handle still works: the request is at fault."""
+
+    def __init__(self, model: str, failure: RkllmError) -> None:
+        super().__init__(
+            f"the NPU runtime of model {model} refused this request's tools ({failure}); nothing was "
+            "generated: check the tools' definitions"
+        )
+
+
 class ContextOverflowError(Exception):
     def __init__(self, model: ModelConfig, prompt_tokens: int) -> None:
         super().__init__(
@@ -104,6 +117,7 @@ class Job:
     tools_json: str = ""
     role: str = "user"
     arrived: float = 0.0  # time.monotonic() when the request arrived
+    later_turn: bool = False  # the prompt carries earlier replies: its slot holds a conversation
 
 
 @dataclass(frozen=True)
@@ -112,22 +126,6 @@ class RunPlan:
     reuse: bool  # continue the KV cache instead of clearing it
     cached_tokens: int
     max_tokens: int
-
-
-def continues(slot: KvSlot, job: Job) -> bool:
-    """The slot's cache holds the start of this job's conversation (under the same tools)."""
-    return bool(slot.kv_text) and slot.tools_json == job.tools_json and job.prompt.startswith(slot.kv_text)
-
-
-def choose_slot(model: LoadedModel, job: Job) -> KvSlot:
-    """The slot holding the longest prefix of the job's prompt, else an empty one, else the least
-    recently used one."""
-    if model.config.kv_cache_reuse:
-        holders = [slot for slot in model.slots if continues(slot, job)]
-        if holders:
-            return max(holders, key=lambda slot: len(slot.kv_text))
-    empty = [slot for slot in model.slots if not slot.kv_text]
-    return min(empty or model.slots, key=lambda slot: slot.last_used)
 
 
 def plan_run(model: LoadedModel, slot: KvSlot, job: Job, kv_tokens: int) -> RunPlan:
@@ -156,12 +154,6 @@ class EmbeddingBatch:
     prompt_tokens: int
     load_seconds: float
     prefill_seconds: float
-
-
-def choose_embedding_slot(model: LoadedModel) -> KvSlot:
-    """An empty slot if there is one (no conversation is lost), else the least recently used one."""
-    empty = [slot for slot in model.slots if not slot.kv_text]
-    return min(empty or model.slots, key=lambda slot: slot.last_used)
 
 
 async def pooled_vector(hidden: HiddenStates, model: ModelConfig) -> array[float]:
@@ -322,15 +314,18 @@ class Scheduler:
             self.metrics.queue_time.labels(model_name).observe(queue_seconds)
             was_loaded = self.registry.get(model_name) is not None
             model = await self.registry.ensure(model_name)
-            slot = choose_slot(model, job)
+            slot = choose_slot(model, job.prompt, job.tools_json, time.monotonic())
             self._occupy(model_name, slot)
+            if slot.poisoned:
+                slot = await self._reinit(model_name, slot, "poisoned")
+                self._occupy(model_name, slot)
+                was_loaded = False
             try:
-                if slot.poisoned:
-                    raise RkllmError(f"handle {slot.index} of {model_name} failed earlier")
                 plan = self._prepare(model, slot, job)
             except RkllmError:
-                # Nothing was generated yet: a fresh handle can still serve this request.
-                slot = await self.registry.reload_slot(model_name, slot.index)
+                # The handle failed a call that carries nothing of the request: it is broken. Nothing
+                # ran yet, so a fresh handle serves the request (once: a second failure is answered).
+                slot = await self._reinit(model_name, slot, "handle_failed")
                 self._occupy(model_name, slot)
                 was_loaded = False
                 plan = self._prepare(model, slot, job)
@@ -363,14 +358,16 @@ class Scheduler:
                 model = await self.registry.ensure(model_name)
             except RkllmError as exc:  # e.g. a fresh handle refusing its chat template: nothing ran
                 raise ModelUnavailableError(str(exc)) from exc
-            slot = choose_embedding_slot(model)
+            slot = reusable_slot(model, time.monotonic())
             self._occupy(model_name, slot)
             try:
                 if slot.poisoned:
-                    raise RkllmError(f"handle {slot.index} of {model_name} failed earlier")
+                    slot = await self._reinit(model_name, slot, "poisoned")
+                    self._occupy(model_name, slot)
+                    was_loaded = False
                 self._prepare_embedding(model, slot)
             except RkllmError:
-                slot = await self.registry.reload_slot(model_name, slot.index)
+                slot = await self._reinit(model_name, slot, "handle_failed")
                 self._occupy(model_name, slot)
                 was_loaded = False
                 try:
@@ -393,13 +390,34 @@ class Scheduler:
 
     def _prepare_embedding(self, model: LoadedModel, slot: KvSlot) -> None:
         """No tools prompt and an empty cache: the hidden states are of the input text alone."""
+        self._count_eviction(model, slot)
+        self._reset(slot, tools_known=True)
+
+    def _count_eviction(self, model: LoadedModel, slot: KvSlot) -> None:
+        """Called before a run that will not continue the slot's cache."""
         if slot.kv_text:
             self.metrics.kv_slot_evictions.labels(model.config.name).inc()
+            if kept_conversation(slot, model.config.kv_slot_keep_seconds, time.monotonic()):
+                self.metrics.kv_slot_conversation_evictions.labels(model.config.name).inc()
+
+    @staticmethod
+    def _reset(slot: KvSlot, tools_known: bool) -> None:
+        """No tools prompt, empty cache: calls that carry nothing of any request. RkllmError from here
+        means the handle is broken (it is flagged so)."""
         slot.kv_text = ""
-        if slot.tools_json:
-            slot.engine.set_function_tools("", "", "tool_response")
-            slot.tools_json = ""
-        slot.engine.clear_kv_cache(False)
+        try:
+            if slot.tools_json or not tools_known:
+                slot.engine.set_function_tools("", "", "tool_response")
+                slot.tools_json = ""
+            slot.engine.clear_kv_cache(False)
+        except RkllmError:
+            slot.poisoned = True
+            raise
+
+    async def _reinit(self, model_name: str, slot: KvSlot, reason: ReinitReason) -> KvSlot:
+        """A fresh handle in the broken one's place (destroy + init), counted by why."""
+        self.metrics.handle_reinits.labels(model_name, reason).inc()
+        return await self.registry.reload_slot(model_name, slot.index)
 
     async def _embed_all(
         self, model: LoadedModel, slot: KvSlot, texts: Sequence[str]
@@ -436,11 +454,17 @@ class Scheduler:
     def _prepare(self, model: LoadedModel, slot: KvSlot, job: Job) -> RunPlan:
         """Tools and KV cache set up for the job; the handle's cache state is unknown until it ends."""
         engine, name = slot.engine, model.config.name
-        if slot.kv_text and not continues(slot, job):
-            self.metrics.kv_slot_evictions.labels(name).inc()
+        if not continues(slot, job.prompt, job.tools_json):
+            self._count_eviction(model, slot)
         if job.tools_json != slot.tools_json:
             slot.kv_text = ""  # the runtime's tool prompt changes what the cache means
-            engine.set_function_tools("", job.tools_json, "tool_response")
+            try:
+                engine.set_function_tools("", job.tools_json, "tool_response")
+            except RkllmError as failure:
+                # The one call that carries the request's input. If the handle then takes an empty
+                # tool list, the tools were refused, not the handle broken: fail this request only.
+                self._reset(slot, tools_known=False)
+                raise ToolsRefusedError(name, failure) from failure
             slot.tools_json = job.tools_json
         plan = plan_run(model, slot, job, engine.kv_cache_size() if slot.kv_text else 0)
         if not plan.reuse:
@@ -474,6 +498,7 @@ class Scheduler:
                         self._observe_finish(model, event, job, plan)
                         if event.finish_reason != "abort" and model.config.kv_cache_reuse:
                             slot.kv_text = base + plan.text + "".join(generated)
+                            slot.conversation = plan.reuse or job.later_turn
                     yield event
         except RkllmError as exc:
             # RUN_ERROR leaves the handle usable; anything else (closed, busy, failed call) does not.
@@ -523,7 +548,7 @@ class Scheduler:
             for index in range(len(model.slots)):
                 slot = model.slots[index]
                 if slot.poisoned:
-                    slot = await self.registry.reload_slot(model_name, index)
+                    slot = await self._reinit(model_name, slot, "poisoned")
                 if slot.kv_text or generated:
                     slot.engine.kv_cache_size()
                 elif model.config.kind == "embedding":

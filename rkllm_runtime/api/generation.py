@@ -23,6 +23,7 @@ from rkllm_runtime.scheduler import (
     ContextOverflowError,
     Job,
     Started,
+    ToolsRefusedError,
     check_context,
 )
 
@@ -68,6 +69,9 @@ async def start_generation(request: Request, model: ModelConfig, job: Job) -> Ge
         scheduler.metrics.rejected.labels(model.name, "model_unavailable").inc()
         unavailable = exc if isinstance(exc, ModelUnavailableError) else ModelUnavailableError(str(exc))
         raise domain_error(unavailable) from exc
+    except ToolsRefusedError as exc:
+        await events.aclose()
+        raise bad_request(str(exc), param="tools", code="invalid_tools") from exc
     except BaseException:
         await events.aclose()
         raise

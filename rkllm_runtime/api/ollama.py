@@ -302,6 +302,7 @@ async def chat(request: Request) -> Response:
         tools_json=tools,
         role="tool" if messages[-1].role == "tool" else "user",
         arrived=time.monotonic(),
+        later_turn=any(m.role == "assistant" for m in messages),
     )
     return await _respond(request, config, job, model, body, headers, tools=bool(tools), chat=True)
 

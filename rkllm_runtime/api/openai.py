@@ -261,6 +261,7 @@ async def start_turn(request: Request, turn: ChatTurn) -> StartedTurn:
         tools_json=tools,
         role="tool" if messages[-1].role == "tool" else "user",
         arrived=time.monotonic(),
+        later_turn=any(m.role == "assistant" for m in messages),
     )
     output = OutputAssembler(config.think == "separate", bool(tools), turn.stops)
     return StartedTurn(await start_generation(request, model, job), output, headers)

@@ -359,6 +359,11 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
             boards.setdefault(conversation, []).append(re.split(r", | : ", tried)[-1])
         return boards
 
+    def lost_conversations() -> float:
+        return sum(metric_total(board_metrics(fleet, b), "rkllm_kv_slot_conversation_evictions_total")
+                   for b in BOARDS)
+
+    lost_before = lost_conversations()
     # One conversation per board, 6 turns each, streamed through nginx with their whole history.
     conversations = subprocess.Popen(
         ["ip", "netns", "exec", fleet.client_netns, "env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m",
@@ -367,10 +372,10 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
         stdout=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: len(answered()) == len(BOARDS), "every conversation has its first answer")
-        # The load is another model's (DeepSeek, on board1): one-turn requests of the SAME model would take
-        # the least recently used KV slot and evict an idle conversation (a known gap of the LRU slot
-        # policy, written down in the nginx_lb README), so this test shows the routing, not the policy.
-        stop = background_load(concurrency=1, max_tokens=8, model=DEEPSEEK)
+        # Other users ask the same model one-turn questions meanwhile, one per board on average: each
+        # takes a KV slot where it lands. The slot policy keeps a conversation's slot from its second
+        # turn on and lets them recycle the other one.
+        stop = background_load(concurrency=len(BOARDS), max_tokens=8, model=QWEN)
         out, _ = conversations.communicate(timeout=600)
     finally:
         if conversations.poll() is None:
@@ -379,16 +384,19 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
     records = stop()
     chats = json.loads(out)
     boards = answered()
-    print(f"conversations under load: {100 * chats['from_cache_later']:.0f} % of later turns' prompt tokens "
-          f"from cache, boards per conversation {boards}, {len(records)} load requests")
+    lost = lost_conversations() - lost_before
+    print(f"conversations under same-model load: {100 * chats['from_cache_later']:.0f} % of later turns' "
+          f"prompt tokens from cache, {chats['missed']} later turns missed, {lost:.0f} conversation slots "
+          f"evicted, boards per conversation {boards}, {len(records)} one-turn requests")
     assert chats["errors"] == 0 and chats["turns_completed"] == [6] * len(BOARDS)
     assert failures(records) == [] and records
     # Each conversation kept on the board that answered its first turn (least_conn places them; the
     # bench staggers their starts, so two may share a board, which holds two KV slots).
     assert all(len(set(turns)) == 1 for turns in boards.values()), boards
-    # Turns 2-6 prefill only the new message while the load takes the boards' other KV slot (the ideal
-    # for this conversation shape is ~88 %).
-    assert chats["from_cache_later"] >= 0.7
+    # Turns 2-6 prefill only the new message although one-turn requests keep taking KV slots: measured
+    # 86 % (the ideal for this shape is ~87 %); a turn 2 that lost its first turn's cache costs about
+    # 5 points. With kv_slot_keep_seconds = 0 (least recently used) this test measured 29 % and failed.
+    assert chats["from_cache_later"] >= 0.75
 
 
 def nginx_workers(fleet: Fleet) -> set[str]:

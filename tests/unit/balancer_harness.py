@@ -200,6 +200,7 @@ class BoardModel:
     queue_size: int = 0
     prefill_ms_per_token: float = 0.0
     kv_slots: int | None = None  # the server's default when None
+    kv_slot_keep_seconds: float | None = None  # the server's default when None
 
 
 def _board_config(workdir: Path, library: Path, port: int, models: Sequence[BoardModel]) -> Path:
@@ -220,6 +221,8 @@ def _board_config(workdir: Path, library: Path, port: int, models: Sequence[Boar
                   f"queue_size = {model.queue_size}", "pinned = true"]
         if model.kv_slots is not None:
             lines.append(f"kv_slots = {model.kv_slots}")
+        if model.kv_slot_keep_seconds is not None:
+            lines.append(f"kv_slot_keep_seconds = {model.kv_slot_keep_seconds}")
     config = workdir / "server.toml"
     config.write_text("\n".join(lines) + "\n")
     return config

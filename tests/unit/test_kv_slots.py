@@ -24,7 +24,7 @@ from test_server_templates import render_server_config
 
 from rkllm_runtime.config import load_config, parse_config
 from rkllm_runtime.registry import KvSlot, LoadedModel
-from rkllm_runtime.scheduler import Job, choose_slot
+from rkllm_runtime.slot_policy import choose_slot, continues
 
 __all__ = ["start_server"]
 
@@ -72,45 +72,130 @@ def slot_states(http: httpx.Client) -> dict[str, str]:
 
 # --- slot choice, as a pure function -------------------------------------------------------------
 
+NOW = 1000.0  # time.monotonic() of the choice in these tests; slots were last used a little before
 
-def loaded_with(texts: list[str], last_used: list[float], kv_cache_reuse: bool = True) -> LoadedModel:
+
+def loaded_with(
+    texts: list[str],
+    last_used: list[float],
+    kv_cache_reuse: bool = True,
+    conversations: frozenset[int] = frozenset(),
+    keep_seconds: float = 300.0,
+) -> LoadedModel:
     config = parse_config(
-        {"models": [{"name": "m", "path": "/m", "kv_slots": len(texts), "kv_cache_reuse": kv_cache_reuse}]}
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "path": "/m",
+                    "kv_slots": len(texts),
+                    "kv_cache_reuse": kv_cache_reuse,
+                    "kv_slot_keep_seconds": keep_seconds,
+                }
+            ]
+        }
     )
     slots = [
-        KvSlot(index, engine=None, kv_text=text, last_used=used)  # type: ignore[arg-type]
+        KvSlot(index, engine=None, kv_text=text, last_used=used, conversation=index in conversations)  # type: ignore[arg-type]
         for index, (text, used) in enumerate(zip(texts, last_used, strict=True))
     ]
     return LoadedModel(config.models[0], slots, load_seconds=0.0, loaded_at=0.0)
 
 
+def chosen(model: LoadedModel, prompt: str, tools_json: str = "", now: float = NOW) -> int:
+    return choose_slot(model, prompt, tools_json, now).index
+
+
+def serve(model: LoadedModel, prompt: str, now: float, later_turn: bool = False) -> int:
+    """What the scheduler does to the slots around one request; returns the slot it ran on."""
+    slot = choose_slot(model, prompt, "", now)
+    slot.conversation = continues(slot, prompt, "") or later_turn
+    slot.kv_text, slot.last_used = f"{prompt}<reply>", now
+    return slot.index
+
+
 def test_the_slot_holding_the_longest_prefix_wins():
-    model = loaded_with(["<a>", "<a><b>", "<c>"], last_used=[3.0, 1.0, 2.0])
-    assert choose_slot(model, Job("<a><b><d>")).index == 1
-    assert choose_slot(model, Job("<a><x>")).index == 0
+    model = loaded_with(["<a>", "<a><b>", "<c>"], last_used=[998.0, 996.0, 997.0], conversations={2})
+    assert chosen(model, "<a><b><d>") == 1
+    assert chosen(model, "<a><x>") == 0
+    assert chosen(model, "<c><more>") == 2
 
 
 def test_a_new_conversation_takes_an_empty_slot_before_evicting():
-    model = loaded_with(["<a>", "", "<c>"], last_used=[1.0, 5.0, 2.0])
-    assert choose_slot(model, Job("<new>")).index == 1
+    model = loaded_with(["<a>", "", "<c>"], last_used=[991.0, 995.0, 992.0])
+    assert chosen(model, "<new>") == 1
 
 
-def test_without_an_empty_slot_the_least_recently_used_is_reused():
-    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[3.0, 1.0, 2.0])
-    assert choose_slot(model, Job("<new>")).index == 1
+def test_without_an_empty_slot_the_least_recently_used_one_turn_cache_goes():
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[998.0, 996.0, 997.0])
+    assert chosen(model, "<new>") == 1
+
+
+def test_a_conversation_is_evicted_only_when_every_slot_holds_one():
+    model = loaded_with(["<a>", "<b>", "<c>"], last_used=[990.0, 995.0, 999.0], conversations={0, 1})
+    assert chosen(model, "<new>") == 2, "the one-turn cache, although the most recently used"
+    model.slots[2].conversation = True
+    assert chosen(model, "<new>") == 0, "then the least recently used conversation"
+
+
+def test_protection_ends_after_the_keep_window():
+    model = loaded_with(["<a>", "<b>"], last_used=[NOW - 301.0, NOW - 5.0], conversations={0})
+    assert chosen(model, "<new>") == 0, "idle past the window: its user is gone"
+    assert chosen(model, "<new>", now=NOW - 2.0) == 1, "inside the window the one-turn cache goes first"
+
+
+def test_keep_seconds_zero_is_plain_least_recently_used():
+    model = loaded_with(["<a>", "<b>", "<c>"], [997.0, 999.0, 998.0], conversations={0}, keep_seconds=0)
+    assert chosen(model, "<new>") == 0
+
+
+@pytest.mark.parametrize(("keep_seconds", "survives"), [(300.0, True), (0.0, False)])
+def test_a_conversation_survives_a_stream_of_one_turn_requests(keep_seconds, survives):
+    model = loaded_with(["", ""], [0.0, 0.0], keep_seconds=keep_seconds)
+    history = "<sys><q1>"
+    serve(model, history, now=100.0)  # its first turn looks like any one-turn request
+    history += "<reply><q2>"
+    home = serve(model, history, now=101.0)  # the second continues it: a conversation now
+    for second in range(20):  # the user reads the answer while other users ask one question each
+        serve(model, f"<sys><one-shot {second}>", now=102.0 + second)
+    history += "<reply><q3>"
+    slot = choose_slot(model, history, "", 130.0)
+    assert continues(slot, history, "") == survives
+    assert slot.index == home or not survives
+
+
+def test_a_first_turn_lives_as_long_as_least_recently_used_keeps_it():
+    model = loaded_with(["", ""], [0.0, 0.0])
+    serve(model, "<sys><q1>", now=100.0)
+    serve(model, "<sys><one-shot 1>", now=101.0)  # the empty slot
+    second_turn = "<sys><q1><reply><q2>"
+    assert continues(choose_slot(model, second_turn, "", 102.0), second_turn, "")
+    serve(model, "<sys><one-shot 2>", now=102.0)  # the least recently used: the first turn
+    assert not continues(choose_slot(model, second_turn, "", 103.0), second_turn, "")
+
+
+def test_a_later_turn_that_missed_is_kept_at_once():
+    """A conversation that moved boards (or lost its first turn) prefills its history once, then keeps it."""
+    model = loaded_with(["<x>", "<y>"], [90.0, 91.0])
+    history = "<sys><q1><reply><q2>"
+    serve(model, history, now=100.0, later_turn=True)
+    for second in range(5):
+        serve(model, f"<sys><one-shot {second}>", now=101.0 + second)
+    history += "<reply><q3>"
+    assert continues(choose_slot(model, history, "", 110.0), history, "")
 
 
 def test_a_cache_built_under_other_tools_is_not_continued():
     tools = '[{"type": "function"}]'
-    model = loaded_with(["<a>", "<b>"], last_used=[9.0, 1.0])
+    model = loaded_with(["<a>", "<b>"], last_used=[999.0, 991.0])
     model.slots[0].tools_json = tools
-    assert choose_slot(model, Job("<a><more>", tools_json=tools)).index == 0
-    assert choose_slot(model, Job("<a><more>")).index == 1, "the least recently used, not a continuation"
+    assert chosen(model, "<a><more>", tools) == 0
+    assert chosen(model, "<a><more>") == 1, "the least recently used, not a continuation"
 
 
 def test_with_cache_reuse_off_no_slot_is_continued():
-    model = loaded_with(["<a>", "<b>"], last_used=[2.0, 1.0], kv_cache_reuse=False)
-    assert choose_slot(model, Job("<a><more>")).index == 1
+    model = loaded_with(["<a>", "<b>"], last_used=[999.0, 991.0], kv_cache_reuse=False)
+    assert chosen(model, "<a><more>") == 1
 
 
 # --- end to end: the real server, binding and double ---------------------------------------------
@@ -162,34 +247,52 @@ def test_one_slot_shared_by_two_conversations_evicts_every_turn(start_server, ma
         assert metric(http, "rkllm_prompt_tokens_cached_total") == 0
 
 
-def test_the_least_recently_used_conversation_is_evicted(start_server, make_model):
+def test_a_one_turn_cache_is_evicted_before_a_conversation(start_server, make_model):
     server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
     a, b, c = Conversation("a"), Conversation("b"), Conversation("c")
     with server.http() as http:
         a.turn(http, 1)
         b.turn(http, 1)
-        assert cached(a.turn(http, 2)) > 0
-        c.turn(http, 1)  # both slots hold a conversation: b's was used least recently
+        assert cached(a.turn(http, 2)) > 0  # a's slot now holds a conversation
+        c.turn(http, 1)  # both slots are taken: b's holds one turn only
         assert metric(http, "rkllm_kv_slot_evictions_total") == 1
         assert cached(a.turn(http, 3)) > 0, "a's slot was kept"
         assert cached(b.turn(http, 2)) == 0, "b's cache was the one reused"
-        assert cached(c.turn(http, 2)) == 0, "b took c's slot, the least recently used by then"
+        assert cached(c.turn(http, 2)) == 0, "b took c's one-turn slot, not a's conversation"
         assert metric(http, "rkllm_kv_slot_evictions_total") == 3
+        # b's second turn carried a reply, so its slot holds a conversation too: c evicts the least
+        # recently used of the two, and that is counted as a conversation lost.
+        assert metric(http, "rkllm_kv_slot_conversation_evictions_total") == 1
 
 
-def test_a_turn_goes_to_the_slot_holding_the_most_of_its_conversation(start_server, make_model, double_log):
-    server = start_server([model_entry(make_model, QWEN, config={"kv_slots": 2})])
-    conversation = Conversation("forked")
-    with server.http() as http:
-        conversation.turn(http, 1)
-        # The same first turn again: the first slot holds more than this prompt, so it takes the empty one.
-        retry = http.post("/v1/chat/completions", json={"model": QWEN, "messages": conversation.messages[:1]})
-        assert cached(retry.json()) == 0
-        second = conversation.turn(http, 2)  # both slots hold turn 1 in full
-        third = conversation.turn(http, 3)  # only the slot that ran turn 2 holds turn 2
-    handles = run_handles(double_log)
-    assert handles[0] != handles[1] and handles[3] == handles[2], handles
-    assert cached(third) > cached(second) > 0
+@pytest.mark.parametrize(("keep_seconds", "kept"), [(300.0, True), (0.0, False)])
+def test_a_conversation_keeps_its_cache_among_one_turn_requests(
+    start_server, make_model, keep_seconds, kept
+):
+    """Other users' one-shot questions to the same model recycle the other slot; the conversation keeps
+    its own from its second turn on, and every reply continues its own history (compared with a server
+    that never reuses a cache)."""
+    config = {"kv_slots": 2, "kv_slot_keep_seconds": keep_seconds}
+    slotted = start_server([model_entry(make_model, QWEN, config=config)])
+    fresh = start_server([model_entry(make_model, QWEN, config={"kv_cache_reuse": False})])
+    chat, one_shots = Conversation("a long chat"), []
+    with slotted.http() as http:
+        for index in range(1, 7):
+            hit = cached(chat.turn(http, index)) > 0
+            # Two one-shots took both slots after turn 1; turn 2 carries a reply, so its slot is kept.
+            assert hit == (index > 2 and kept), (index, hit)
+            for other in range(2):
+                one_shot = Conversation(f"one question {index}.{other}")
+                one_shot.turn(http, 1)
+                one_shots.append(one_shot)
+        lost = metric(http, "rkllm_kv_slot_conversation_evictions_total")
+    assert lost == 0, "no conversation was evicted while a one-turn slot was there to reuse"
+    with fresh.http() as http:
+        for original in [chat, *one_shots[-2:]]:
+            replay = Conversation(original.opening)
+            for index in range(1, len(original.messages) // 2 + 1):
+                replay.turn(http, index)
+            assert replay.messages == original.messages, f"{original.opening}: a reply crossed slots"
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -382,6 +485,9 @@ def test_the_server_role_renders_the_chosen_slots_and_its_override(tmp_path, mak
     model = {"name": QWEN, "path": str(make_model("q")), "kind": "quick", "memory_mb": 1660, "kv_slots": 2}
     other = {**model, "name": "Other", "kv_slots": 2}
     config_path = render_server_config(
-        tmp_path / "render", [model, other], rkllm_server_model_settings={"Other": {"kv_slots": 3}}
+        tmp_path / "render",
+        [model, other],
+        rkllm_server_model_settings={"Other": {"kv_slots": 3, "kv_slot_keep_seconds": 600}},
     )
-    assert [m.kv_slots for m in load_config(config_path).models] == [2, 3]
+    models = load_config(config_path).models
+    assert [(m.kv_slots, m.kv_slot_keep_seconds) for m in models] == [(2, 300.0), (3, 600.0)]

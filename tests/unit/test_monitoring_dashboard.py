@@ -19,7 +19,7 @@ def test_dashboard_covers_the_fleet_questions() -> None:
                    "rkllm_time_to_first_token_seconds_bucket", "rkllm_requests_waiting",
                    "rkllm_requests_rejected_total", "nginx_http_requests_total",
                    "rkllm_prompt_tokens_cached_total", "rkllm_kv_slot_state",
-                   "rkllm_kv_slot_evictions_total"):
+                   "rkllm_kv_slot_evictions_total", "rkllm_kv_slot_conversation_evictions_total"):
         assert metric in exprs
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
