@@ -401,8 +401,9 @@ def written_off(fleet: Fleet, board: str, log_length: int) -> bool:
 
 def wait_connect_error(fleet: Fleet, board: str, log_length: int, fault_at: float) -> float:
     """Seconds from the fault until nginx logged a failed connection to the board (the error log in the
-    failure if it never did). nginx need not write the board off (max_fails) afterwards: the requests
-    stuck on the board keep its least_conn count above the others', so nginx stops picking it anyway."""
+    failure if it never did). nginx need not write the board off (max_fails) afterwards: requests stuck
+    on the board keep its least_conn count high, and a conversation's home upstream (one server) counts
+    no failures."""
     try:
         wait_until(lambda: bool(connect_errors(fleet, board, log_length)), f"nginx fails to reach {board}",
                    60)
@@ -453,9 +454,9 @@ def test_board_cut_off_under_load_fails_no_request_sent_after_nginx_notices(flee
         served_more = others_generate(fleet, "board3", 80)
         wait_until(lambda: time.time() > cut_at + bound + 5 and served_more(),
                    "the fleet serves without board3")
+        causes = connect_errors(fleet, "board3", log_length)
     finally:
         set_link(board, up=True)
-    causes = connect_errors(fleet, "board3", log_length)
     print(f"nginx's connection errors to the cut-off board3: {sorted(set(causes))}, written off (max_fails): "
           f"{written_off(fleet, 'board3', log_length)}")
     # Connections timed out (or found no route): a cut-off board never refuses them.
@@ -507,10 +508,11 @@ def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, backg
         served_more = others_generate(fleet, "board3", 80)
         wait_until(lambda: time.time() > off_at + bound + 5 and served_more(),
                    "the fleet serves without board3")
+        # While the board is gone: once it boots again, a refusal is its normal answer until it listens.
+        causes = connect_errors(fleet, "board3", log_length)
     finally:
         set_link(board, up=True)
         fleet.start("board3")
-    causes = connect_errors(fleet, "board3", log_length)
     print(f"nginx's connection errors to the powered-off board3: {sorted(set(causes))}, written off "
           f"(max_fails): {written_off(fleet, 'board3', log_length)}")
     assert causes and not any("refused" in cause for cause in causes), causes
