@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from e2e.playbooks import playbook
 from e2e.waiting import wait_until
+from fleet.faults import power_off, set_link
 from fleet.host import Host
 from fleet.sim import Fleet
 
@@ -471,3 +472,246 @@ def test_rolling_update_under_continuous_load_fails_nothing(fleet: Fleet, backgr
     assert failures(records) == []
     after = generated(fleet)
     assert all(after[b] > before[b] for b in BOARDS), (before, after)
+
+
+# Hard faults. Each test counts three groups of the load's requests: in flight at the fault (sent
+# before it, not finished), sent within the bound nginx (or the board's watchdog) needs to notice it,
+# and sent after that bound, of which none may fail. Each restores the fleet for the tests below.
+
+def duration_seconds(value: str) -> float:
+    """An nginx or systemd duration ("2s", "500ms", "1min 30s") in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|min|s|m|h)", value)
+    assert parts, f"not a duration: {value!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def connect_detection_bound(fleet: Fleet) -> float:
+    """How long nginx may take to write off a board that no longer answers: max_fails connection
+    attempts, each abandoned after proxy_connect_timeout (read from the balancer's running config)."""
+    config = fleet.balancer.exec(["nginx", "-T"]).stdout
+    connect = re.search(r"proxy_connect_timeout\s+(\S+);", config)
+    max_fails = re.search(r" max_fails=(\d+)", config)
+    assert connect and max_fails, config[-2000:]
+    return int(max_fails[1]) * duration_seconds(connect[1])
+
+
+def watchdog_bound(fleet: Fleet, board: str) -> float:
+    """How long systemd may take to end a server that stopped its watchdog pings: WatchdogSec, then
+    TimeoutAbortSec for the SIGABRT to take effect before SIGKILL (the unit's own settings)."""
+    return (duration_seconds(server_unit(fleet, board, "WatchdogUSec"))
+            + duration_seconds(server_unit(fleet, board, "TimeoutAbortUSec")))
+
+
+def error_log_length(fleet: Fleet) -> int:
+    return int(fleet.balancer.exec(["wc", "-l", "/var/log/nginx/error.log"]).stdout.split()[0])
+
+
+def error_log_since(fleet: Fleet, length: int) -> list[str]:
+    log = fleet.balancer.exec(["tail", "-n", f"+{length + 1}", "/var/log/nginx/error.log"]).stdout
+    return log.splitlines()
+
+
+def upstream(fleet: Fleet, board: str) -> str:
+    return f"http://{fleet.board(board).address}:8080/"
+
+
+def written_off(fleet: Fleet, board: str, log_length: int) -> bool:
+    """nginx logged that it stopped sending requests to the board (max_fails reached)."""
+    return any("upstream server temporarily disabled" in line and upstream(fleet, board) in line
+               for line in error_log_since(fleet, log_length))
+
+
+def wait_connect_error(fleet: Fleet, board: str, log_length: int, fault_at: float) -> float:
+    """Seconds from the fault until nginx logged a failed connection to the board (the error log in the
+    failure if it never did). nginx need not write the board off (max_fails) afterwards: requests stuck
+    on the board keep its least_conn count high, and a conversation's home upstream (one server) counts
+    no failures."""
+    try:
+        wait_until(lambda: bool(connect_errors(fleet, board, log_length)), f"nginx fails to reach {board}",
+                   60)
+    except AssertionError as missing:
+        raise AssertionError("\n".join([str(missing), *error_log_since(fleet, log_length)[-30:]])) from None
+    return time.time() - fault_at
+
+
+def connect_errors(fleet: Fleet, board: str, log_length: int) -> list[str]:
+    """nginx's errors connecting to the board since the log had `log_length` lines, by cause."""
+    return [re.sub(r"^.*?\] \d+#\d+: \*\d+ ", "", line).split(" while connecting")[0]
+            for line in error_log_since(fleet, log_length)
+            if "while connecting to upstream" in line and upstream(fleet, board) in line]
+
+
+def others_generate(fleet: Fleet, board: str, tokens: float) -> Callable[[], bool]:
+    """A condition: the boards other than `board` generated `tokens` more than they have now."""
+    others = tuple(b for b in BOARDS if b != board)
+    served = sum(generated(fleet, boards=others).values())
+    return lambda: sum(generated(fleet, boards=others).values()) > served + tokens
+
+
+def report_fault(fault: str, records: list[dict[str, object]], fault_at: float, bound: float,
+                 detected: float) -> list[dict[str, object]]:
+    """Print the three groups' counts; return the requests sent after the detection bound."""
+    in_flight = [r for r in records if float(r["start"]) <= fault_at < float(r["end"])]
+    within = [r for r in records if fault_at < float(r["start"]) <= fault_at + bound]
+    after = [r for r in records if float(r["start"]) > fault_at + bound]
+    print(f"{fault}: {len(in_flight)} requests in flight at the fault, {len(failures(in_flight))} of them "
+          f"failed; {len(within)} sent within the {bound:g}s detection bound, {len(failures(within))} "
+          f"failed; "
+          f"{len(after)} sent after it, {len(failures(after))} failed; detected after {detected:.1f}s")
+    return after
+
+
+def test_board_cut_off_under_load_fails_no_request_sent_after_nginx_notices(fleet: Fleet,
+                                                                              background_load) -> None:
+    board = fleet.board("board3")
+    bound = connect_detection_bound(fleet)
+    stop = background_load(concurrency=8)
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    log_length = error_log_length(fleet)
+    cut_at = time.time()
+    set_link(board, up=False)
+    try:
+        detected = wait_connect_error(fleet, "board3", log_length, cut_at)
+        # The cut lasts past the bound, while the rest of the fleet serves ~10 requests more.
+        served_more = others_generate(fleet, "board3", 80)
+        wait_until(lambda: time.time() > cut_at + bound + 5 and served_more(),
+                   "the fleet serves without board3")
+        causes = connect_errors(fleet, "board3", log_length)
+    finally:
+        set_link(board, up=True)
+    print(f"nginx's connection errors to the cut-off board3: {sorted(set(causes))}, written off (max_fails): "
+          f"{written_off(fleet, 'board3', log_length)}")
+    # Connections timed out (or found no route): a cut-off board never refuses them.
+    assert causes and not any("refused" in cause for cause in causes), causes
+    served_before = generated(fleet, boards=("board3",))["board3"]
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > served_before, "board3 serves again")
+    after = report_fault("board cut off", stop(), cut_at, bound, detected)
+    assert after and failures(after) == [], failures(after)[:3]
+
+
+def test_frozen_server_is_restarted_by_the_watchdog_and_no_later_request_fails(fleet: Fleet,
+                                                                              background_load) -> None:
+    board = fleet.board("board2")
+    bound = watchdog_bound(fleet, "board2")
+    stop = background_load(concurrency=4)
+    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2")
+    frozen = server_unit(fleet, "board2", "MainPID")
+    frozen_at = time.time()
+    board.exec(["kill", "-STOP", frozen])
+    try:
+        wait_until(lambda: server_unit(fleet, "board2", "MainPID") != frozen,
+                   "systemd ends the frozen server", bound + 30)
+        detected = time.time() - frozen_at
+    finally:
+        # Only matters when the watchdog failed to end it: the later tests need a running server.
+        board.exec(["kill", "-CONT", frozen], check=False)
+    journal = board.exec(["journalctl", "--no-pager", "-u", "rkllm-server",
+                          "--since", f"@{int(frozen_at)}"]).stdout
+    assert "Watchdog timeout" in journal, journal[-3000:]
+    wait_until(lambda: is_ready(fleet, "board2"), "board2's restarted server is ready")
+    # The restarted server starts its metrics at zero; the load goes on past the bound.
+    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again")
+    served_more = others_generate(fleet, "board2", 80)
+    wait_until(lambda: time.time() > frozen_at + bound + 5 and served_more(), "load past the bound")
+    after = report_fault("server frozen (SIGSTOP)", stop(), frozen_at, bound, detected)
+    assert after and failures(after) == [], failures(after)[:3]
+
+
+def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, background_load) -> None:
+    board = fleet.board("board3")
+    bound = connect_detection_bound(fleet)
+    stop = background_load(concurrency=8)
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    log_length = error_log_length(fleet)
+    off_at = time.time()
+    power_off(board)
+    try:
+        detected = wait_connect_error(fleet, "board3", log_length, off_at)
+        served_more = others_generate(fleet, "board3", 80)
+        wait_until(lambda: time.time() > off_at + bound + 5 and served_more(),
+                   "the fleet serves without board3")
+        # While the board is gone: once it boots again, a refusal is its normal answer until it listens.
+        causes = connect_errors(fleet, "board3", log_length)
+    finally:
+        set_link(board, up=True)
+        fleet.start("board3")
+    print(f"nginx's connection errors to the powered-off board3: {sorted(set(causes))}, written off "
+          f"(max_fails): {written_off(fleet, 'board3', log_length)}")
+    assert causes and not any("refused" in cause for cause in causes), causes
+    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
+    assert "table inet rkllm_fleet" in board.exec(["nft", "list", "tables"]).stdout
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0, "board3 rejoins")
+    after = report_fault("board powered off", stop(), off_at, bound, detected)
+    assert after and failures(after) == [], failures(after)[:3]
+
+
+def server_role_tasks(fleet: Fleet, board: str, tasks: str) -> None:
+    """The rkllm_server role's drain or resume tasks on one board, as an operator runs them."""
+    command = [str(Path(sys.executable).parent / "ansible"), "-i", str(fleet.inventory_path.parent), board,
+               "-b", "-m", "ansible.builtin.include_role", "-a", f"name=rkllm_server tasks_from={tasks}"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def ready_state(fleet: Fleet, board: str) -> str:
+    """The server's own view from /ready: "ready", "draining", ... ("" while it does not answer)."""
+    shown = fleet.board(board).exec(["curl", "-s", "--max-time", "5", "http://127.0.0.1:8080/ready"],
+                                    check=False).stdout
+    try:
+        return str(json.loads(shown).get("status", ""))
+    except ValueError:
+        return ""
+
+
+def assert_drained(fleet: Fleet, board: str, after: str) -> None:
+    """/ready says draining, and a batch through nginx runs nothing on the board: nginx's attempts
+    there are refused with a 503 "draining" and retried on the other boards."""
+    wait_until(lambda: ready_state(fleet, board) not in ("", "not ready"), f"{board}'s server answers /ready")
+    assert ready_state(fleet, board) == "draining", after
+
+    def counts() -> tuple[float, float]:
+        metrics = board_metrics(fleet, board)
+        refused = sum(float(v) for v in re.findall(
+            r'^rkllm_requests_rejected_total\{[^}]*reason="draining"[^}]*\} (\S+)$', metrics, re.M))
+        return metric_total(metrics, "rkllm_e2e_request_latency_seconds_count"), refused
+
+    served_before, refused_before = counts()
+    records: list[dict[str, object]] = []
+
+    def board_refused_one() -> bool:
+        # nginx tries a board that refused max_fails requests again only after fail_timeout: batches
+        # until one reached it, so the check below is not vacuous.
+        records.extend(client_load(fleet, "batch", "--count", "9", "--max-tokens", "4")["records"])
+        return counts()[1] > refused_before
+
+    wait_until(board_refused_one, f"nginx tries {board} ({after})", 60, interval=1)
+    served, refused = counts()
+    print(f"drained {board} {after}: /ready draining, {len(failures(records))} of {len(records)} requests "
+          f"failed, {served - served_before:g} ran on {board}, {refused - refused_before:g} refused there")
+    assert failures(records) == [], failures(records)[:3]
+    assert served == served_before, after
+
+
+def test_a_drain_outlives_a_server_restart_and_a_reboot(fleet: Fleet) -> None:
+    board = fleet.board("board2")
+    server_role_tasks(fleet, "board2", "drain")
+    try:
+        assert_drained(fleet, "board2", "after the drain")
+        pid = server_unit(fleet, "board2", "MainPID")
+        board.exec(["systemctl", "restart", "rkllm-server"])
+        assert server_unit(fleet, "board2", "MainPID") != pid
+        assert_drained(fleet, "board2", "after a server restart")
+        init = board.pid1()
+        fleet.restart("board2")
+        assert board.pid1() != init, "board2 rebooted"
+        assert_drained(fleet, "board2", "after a reboot")
+    finally:
+        server_role_tasks(fleet, "board2", "resume")
+    def served() -> float:
+        return metric_total(board_metrics(fleet, "board2"), "rkllm_e2e_request_latency_seconds_count")
+
+    served_before = served()
+    records = client_load(fleet, "batch", "--count", "12", "--max-tokens", "4")["records"]
+    assert failures(records) == []
+    assert served() > served_before
