@@ -41,13 +41,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     inventory = tmp_path_factory.mktemp("fleet") / "inventory"
     started = Fleet.up(arch="amd64", boards=len(BOARDS), balancers=len(BALANCERS), prefix=prefix,
                        inventory_dir=inventory)
-    # Conversation affinity off here. With it on, new conversations get only the shared part of each
-    # balancer's share of a board (3 of 5), and the Ollama wait's five tries then answer 24 of a
-    # 2x-capacity burst within the bound (measured; the other 12 time out): a known gap, see the
-    # nginx_lb README. This module proves the balancer tier with the whole share for new requests.
-    group_vars = started.inventory_path.parent / "group_vars"
-    group_vars.mkdir(exist_ok=True)
-    (group_vars / "rkllm_balancers.yml").write_text("nginx_lb_conversation_affinity: false\n")
     try:
         playbook(started, "site.yml")
         yield started
