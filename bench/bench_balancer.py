@@ -67,8 +67,11 @@ def body(model: str, max_tokens: int, n: int) -> dict[str, object]:
 
 async def client_loop(client: httpx.AsyncClient, url: str, window: tuple[float, float], result: CellResult,
                       client_id: int) -> None:
+    """Requests back to back until the window ends. A request sent in the window is followed until its
+    first token, however late: under overload it queues longer than the rest of the window, and
+    dropping it would leave the TTFT columns with only the lucky requests (or none)."""
     sequence = 0
-    while True:
+    while time.monotonic() < window[1]:
         sequence += 1
         sent = time.monotonic()
         try:
@@ -88,7 +91,9 @@ async def client_loop(client: httpx.AsyncClient, url: str, window: tuple[float, 
                         first = now - sent
                         if window[0] <= sent < window[1]:
                             result.ttft.append(first)
-                    if window[0] <= now < window[1]:
+                    if now >= window[1]:
+                        break
+                    if window[0] <= now:
                         result.tokens_in_window += 1
         except httpx.HTTPError:
             result.errors += 1
@@ -127,10 +132,9 @@ async def run_cell(bases: list[str], boards: list[Board], clients: int, seconds:
         urls = [f"{bases[i % len(bases)]}/v1/chat/completions" for i in range(clients)]
         tasks = [asyncio.create_task(client_loop(client, url, window, result, i))
                  for i, url in enumerate(urls)]
-        await asyncio.sleep(window[1] - time.monotonic())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Each client ends after the window with its last request's first token (the client timeout
+        # bounds a request that never gets one).
+        await asyncio.gather(*tasks)
     await wait_idle(boards)
     queue_after = queue_totals(boards)
     requests = queue_after[1] - queue_before[1]

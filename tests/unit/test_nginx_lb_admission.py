@@ -5,8 +5,10 @@ Ollama requests wait at the balancer for a free board while OpenAI requests get 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,3 +131,64 @@ def test_ollama_request_gets_the_503_after_the_bound(lb: str) -> None:
     assert isinstance(response.json()["error"], str)
     # The four waits add up to the bound (within the rounding of each to whole milliseconds).
     assert WAIT_SECONDS - 0.1 <= waited_for < WAIT_SECONDS + 2
+
+
+# A board with a queue of 3 holds 4 requests; with affinity (the default) this balancer's 4 slots of
+# each board are 2 shared (least_conn) + 2 home. A 0.4 s reply keeps a burst of 2x capacity waiting.
+SPILL_MODEL = BoardModel("alpha", tokens_per_second=50, reply_tokens=20, queue_size=3)
+SPILL_CAPACITY = 4
+SPILL_WAIT_SECONDS = 8
+
+
+def board_sample(board: Board) -> tuple[float, float]:
+    """(requests waiting in the board's queue, its queue_full refusals so far)."""
+    text = httpx.get(f"http://127.0.0.1:{board.port}/metrics", timeout=5).text
+
+    def total(pattern: str) -> float:
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    return (total(r"^rkllm_requests_waiting\{[^}]*\} (\S+)$"),
+            total(r'^rkllm_requests_rejected_total\{[^}]*reason="queue_full"[^}]*\} (\S+)$'))
+
+
+def test_waiting_ollama_requests_fill_the_home_slots_too(tmp_path: Path, double_library_path: Path) -> None:
+    fleet = {name: [SPILL_MODEL] for name in ("b1", "b2")}
+    with running_boards(tmp_path / "boards", double_library_path, fleet) as boards:
+        balancer = render_balancer(tmp_path / "lb", list(boards.values()),
+                                   nginx_lb_upstream_max_conns=SPILL_CAPACITY,
+                                   nginx_lb_ollama_wait_seconds=SPILL_WAIT_SECONDS)
+        conf = balancer.conf.read_text()
+        assert re.search(r"upstream rkllm_all \{[^}]*?max_conns=2", conf), "shared part: 2 of the board's 4"
+        peaks = dict.fromkeys(boards, 0.0)
+        sampling = True
+
+        def sample() -> None:
+            while sampling:
+                for name, board in boards.items():
+                    peaks[name] = max(peaks[name], board_sample(board)[0])
+
+        def chat(client: httpx.Client, n: int) -> tuple[int, float]:
+            started = time.monotonic()
+            response = client.post("/api/chat", json={
+                "model": "alpha", "stream": False,
+                "messages": [{"role": "user", "content": f"burst request {n}"}]})
+            return response.status_code, time.monotonic() - started
+
+        with running_nginx(balancer) as base, httpx.Client(base_url=base, timeout=60) as client:
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            with ThreadPoolExecutor(max_workers=4 * SPILL_CAPACITY) as pool:
+                results = list(pool.map(lambda n: chat(client, n), range(4 * SPILL_CAPACITY)))
+            sampling = False
+            sampler.join()
+        refusals = sum(board_sample(board)[1] for board in boards.values())
+    slowest = max(elapsed for _, elapsed in results)
+    print(f"{len(results)} Ollama requests (capacity {2 * SPILL_CAPACITY}): "
+          f"{sum(status == 200 for status, _ in results)} answered 200, slowest {slowest:.1f}s; "
+          f"board queue peaks {peaks}, queue_full refusals {refusals:.0f}")
+    assert [status for status, _ in results if status != 200] == []
+    assert slowest < SPILL_WAIT_SECONDS + 2
+    # Shared slots alone would queue at most 1 request on a board (1 running + 1 waiting): 3 waiting
+    # means the waiting requests also took the home slots, and never more than the board holds.
+    assert max(peaks.values()) == SPILL_CAPACITY - 1
+    assert refusals == 0

@@ -18,16 +18,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from balancer_harness import (
+    REPO,
     Board,
     BoardModel,
     RenderedBalancer,
     access_log,
+    balancer_inventory,
     free_port,
     nginx_check,
     reload_nginx,
     render_balancer,
     render_balancers,
+    run_role_tasks,
     running_boards,
     running_nginx,
 )
@@ -346,3 +350,26 @@ def test_draining_by_graceful_reload_keeps_the_running_stream(balancers: dict[st
     # The stream that was running on b3 went on to its end through the old worker.
     assert rest[-1] == "data: [DONE]"
     assert len([line for line in rest if '"content":"' in line and '"content":""' not in line]) >= 90
+
+
+def test_read_timeout_follows_the_boards_watchdog_bound(tmp_path: Path) -> None:
+    """Between two chunks nginx waits as long as the slowest board's watchdog lets a healthy run stay
+    silent (rkllm_server_watchdog_read_timeout_seconds), plus the margin; not a fixed 600 s."""
+    boards = [Board(name="b1", port=18201, models=["alpha"]), Board(name="b2", port=18202, models=["alpha"])]
+    inventory, rendered = balancer_inventory(tmp_path, boards, {"derived": {}, "fixed": {
+        "nginx_lb_proxy_read_timeout": "300s"}})
+    board_hosts = inventory["all"]["children"]["rkllm_boards"]["hosts"]  # type: ignore[index]
+    run_role_tasks(tmp_path, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
+    defaults_only = set(re.findall(r"proxy_read_timeout (\S+);", rendered["derived"].conf.read_text()))
+    # A board with a longer context (a larger stall bound) sets the fleet's timeout.
+    board_hosts["b2"]["rkllm_server_watchdog_read_timeout_seconds"] = 210
+    run_role_tasks(tmp_path, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
+    from_board = set(re.findall(r"proxy_read_timeout (\S+);", rendered["derived"].conf.read_text()))
+    fixed = set(re.findall(r"proxy_read_timeout (\S+);", rendered["fixed"].conf.read_text()))
+    specs = yaml.safe_load((REPO / "roles/rkllm_server/meta/argument_specs.yml").read_text())
+    server_options = specs["argument_specs"]["main"]["options"]
+    server_default = server_options["rkllm_server_watchdog_read_timeout_seconds"]["default"]
+    assert server_default == 133
+    assert defaults_only == {f"{server_default + 5}s"}
+    assert from_board == {"215s"}
+    assert fixed == {"300s"}
