@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from e2e.playbooks import REPO_ROOT, playbook
 from e2e.waiting import wait_until
+from fleet.faults import power_off, set_link
 from fleet.sim import Fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -149,12 +150,13 @@ def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable
 
     # (a) The master loses power: keepalived on the other balancer takes the address.
     events[f"power off {first}"] = time.time()
-    fleet.stop(first)
+    power_off(fleet.board(first))
     wait_until(lambda: holder(fleet) == second, f"{second} takes the virtual address")
     settle("power off")
 
     # (b) The old master comes back: nopreempt leaves the address where it is, on a healthy master.
     events[f"{first} back"] = time.time()
+    set_link(fleet.board(first), up=True)
     fleet.start(first)
     wait_until(lambda: vrrp_state(fleet, first) == "BACKUP", f"{first} back as a healthy VRRP backup")
     assert holder(fleet) == second

@@ -24,5 +24,17 @@ def power_off(host: Host) -> None:
     """
     set_link(host, up=False)
     host.kill_leftovers()
+    forget_runtime_addresses(host)
     # Bookkeeping of the killed container only: its cgroups and the launcher's exit status.
     host.stop()
+
+
+def forget_runtime_addresses(host: Host) -> None:
+    """Drop the addresses the running host added to eth0 (a VRRP virtual address, say): a powered-off
+    machine boots with none of them, while the simulator's namespace would otherwise keep them."""
+    own = host.spec.address.split("/")[0]
+    listed = run(["ip", "-n", host.spec.netns, "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
+    for line in listed.splitlines():
+        address = line.split()[3]
+        if address.split("/")[0] != own:
+            run(["ip", "-n", host.spec.netns, "addr", "del", address, "dev", "eth0"])
