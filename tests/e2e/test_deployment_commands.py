@@ -54,8 +54,8 @@ SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 APPLIED_SETTINGS = ("fleet_firewall_admin_networks", "nginx_lb_api_keys", "fleet_bootstrap_authorized_keys")
 # How the simulator's own inventory logs in (the vendor image's password): the operator's inventory
 # logs in its own way.
-SIMULATOR_LOGIN = ("ansible_user", "ansible_password", "ansible_become_password", "ansible_ssh_private_key_file",
-                   "ansible_ssh_common_args")
+SIMULATOR_LOGIN = ("ansible_user", "ansible_password", "ansible_become_password",
+                   "ansible_ssh_private_key_file", "ansible_ssh_common_args")
 NEW_BOARD = "rock5b-04"
 # Board settings of the example inventory that the simulated boards cannot honour: they have no clocks
 # to pin, and their doubles decode flat out so the guide's benchmark (3 repeats of 64 tokens per
@@ -287,11 +287,11 @@ def test_bootstrap_again_logs_in_with_the_key_and_changes_nothing(session: Opera
     """After the whole guide: every host refuses the image's password, and a second bootstrap (which can
     then only log in as ops with the key) succeeds on every host without a change."""
     hosts = list(session.fleet.hosts.values())
-    known_hosts = session.session_ssh()["ansible_ssh_common_args"]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+           *session.session_ssh()["ansible_ssh_common_args"].split()]
     for host in hosts:
         # sshd lists the methods it still offers: no password, no keyboard-interactive.
-        refused = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", *known_hosts.split(),
-                                  "-o", "PreferredAuthentications=password,keyboard-interactive",
+        refused = subprocess.run([*ssh, "-o", "PreferredAuthentications=password,keyboard-interactive",
                                   f"{VENDOR_USER}@{host.address}", "true"],
                                  capture_output=True, text=True, timeout=30, check=False)
         assert refused.returncode != 0 and "Permission denied (publickey)." in refused.stderr, \

@@ -186,8 +186,8 @@ class Fleet:
             raise SimError(f"fleet {prefix} already exists: run `python3 -m tests.fleet.sim down` first")
         run_dir.mkdir(parents=True)
         subnet = network.choose_subnet(prefix)
-        fleet = cls(FleetState(prefix=prefix, arch=arch, subnet=str(subnet), balancers=balancers, login=login),
-                    run_dir)
+        state = FleetState(prefix=prefix, arch=arch, subnet=str(subnet), balancers=balancers, login=login)
+        fleet = cls(state, run_dir)
         fleet.state.save(run_dir)
         try:
             fleet._create(boards, hardware, sources, inventory_dir or REPO_ROOT / "inventory/sim")
@@ -319,8 +319,9 @@ class Fleet:
 
     def _login_vars(self) -> dict[str, Tree]:
         if self.state.login == vendor_image.PASSWORD_LOGIN:
-            return {"ansible_user": vendor_image.VENDOR_USER, "ansible_password": vendor_image.VENDOR_PASSWORD,
-                    "ansible_become_password": vendor_image.VENDOR_PASSWORD}
+            password = vendor_image.VENDOR_PASSWORD
+            return {"ansible_user": vendor_image.VENDOR_USER, "ansible_password": password,
+                    "ansible_become_password": password}
         return {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.ssh_key)}
 
     def _balancer_group(self) -> dict[str, Tree]:
