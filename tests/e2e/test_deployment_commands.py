@@ -32,6 +32,7 @@ Sections 3 and 14 boot their own small fleets (prefixes in that table); teardown
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -284,18 +285,20 @@ def test_deployment_guide_block_runs(session: OperatorSession, block: ShellBlock
 
 
 def test_bootstrap_again_logs_in_with_the_key_and_changes_nothing(session: OperatorSession) -> None:
-    """After the whole guide: every host refuses the image's password, and a second bootstrap (which can
-    then only log in as ops with the key) succeeds on every host without a change."""
-    hosts = list(session.fleet.hosts.values())
+    """After the guide: every host of the operator's inventory refuses the image's password, and a
+    second bootstrap (which can then only log in as ops with the key) succeeds on each without a change."""
+    inventory = session.run(Place.CONTROLLER, f"ansible-inventory -i {session.production} --list")
+    assert inventory.returncode == 0, inventory.stderr
+    hosts = json.loads(inventory.stdout)["_meta"]["hostvars"]
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
            *session.session_ssh()["ansible_ssh_common_args"].split()]
-    for host in hosts:
+    for name, host_vars in hosts.items():
         # sshd lists the methods it still offers: no password, no keyboard-interactive.
         refused = subprocess.run([*ssh, "-o", "PreferredAuthentications=password,keyboard-interactive",
-                                  f"{VENDOR_USER}@{host.address}", "true"],
+                                  f"{VENDOR_USER}@{host_vars['ansible_host']}", "true"],
                                  capture_output=True, text=True, timeout=30, check=False)
         assert refused.returncode != 0 and "Permission denied (publickey)." in refused.stderr, \
-            (host.name, refused.stderr)
+            (name, refused.stderr)
     rerun = session.run(Place.CONTROLLER, f"ansible-playbook -i {session.production} ansible/bootstrap.yml")
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-OUTPUT_TAIL:]
