@@ -1,5 +1,7 @@
 """docs/DEPLOYMENT.md, run: every shell block the simulator can run, in document order, against one
-amd64 fleet (4 boards and a balancer), as an operator would type them.
+amd64 fleet (4 boards and a balancer), as an operator would type them. Its hosts boot like fresh vendor
+images (only the default user's password logs in, tests/fleet/vendor_image.py), so the guide's
+bootstrap is what lets every later command in.
 
 The doc's convention (parsed by tests/unit/deployment_doc.py, stated in a comment at the doc's top):
 a ```sh block runs on the controller from the repository root, one command per line, all blocks as one
@@ -17,7 +19,10 @@ What maps the doc onto the simulator, all of it here:
 - The inventory is made the way section 4 says: the doc's `cp -r` of the example, then hosts.yml from
   the doc's snippet (the simulated balancer doubles as the monitor host, which section 13 allows), and
   in place of the checksums, artefact URLs and hardware paths an operator fills in, the values of the
-  simulator's own inventory and SIMULATED_HARDWARE (group_vars/*/simulator.yml).
+  simulator's own inventory and SIMULATED_HARDWARE (group_vars/*/simulator.yml). Not its login: the
+  hosts are reached as the doc's `ops` with the operator's key, checking host keys against the
+  operator's known_hosts. ssh finds `~/.ssh` through the passwd entry, not $HOME, so the session's
+  key and known_hosts (in its temporary HOME) are named explicitly (SESSION_SSH).
 - YAML snippets applied when the test reaches them: hosts.yml and those setting APPLIED_SETTINGS
   (firewall networks, API keys). The others only show placeholders the simulator's values replace,
   or settings for hardware the simulator lacks (TLS stays off: clients use plain HTTP).
@@ -27,6 +32,7 @@ Sections 3 and 14 boot their own small fleets (prefixes in that table); teardown
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,6 +44,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fleet.sim import Fleet, down
+from fleet.vendor_image import PASSWORD_LOGIN, VENDOR_USER
 from unit.deployment_doc import REPO_ROOT, Block, Command, Place, ShellBlock, blocks, shell_blocks
 
 # Each block is one test; the longest runs site.yml or a rolling update (~1 min on amd64 boards).
@@ -45,7 +52,11 @@ pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
 
 PID_TAG = f"{os.getpid() % 0x10000:04x}"
 SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-APPLIED_SETTINGS = ("fleet_firewall_admin_networks", "nginx_lb_api_keys")
+APPLIED_SETTINGS = ("fleet_firewall_admin_networks", "nginx_lb_api_keys", "fleet_bootstrap_authorized_keys")
+# How the simulator's own inventory logs in (the vendor image's password): the operator's inventory
+# logs in its own way.
+SIMULATOR_LOGIN = ("ansible_user", "ansible_password", "ansible_become_password",
+                   "ansible_ssh_private_key_file", "ansible_ssh_common_args")
 NEW_BOARD = "rock5b-04"
 # Board settings of the example inventory that the simulated boards cannot honour: they have no clocks
 # to pin, and their doubles decode flat out so the guide's benchmark (3 repeats of 64 tokens per
@@ -132,11 +143,17 @@ class OperatorSession:
         """The simulator's connection, artefact and hardware settings, where the operator puts theirs.
         Files in a group_vars directory load in name order, so simulator.yml overrides main.yml."""
         sim = self.simulator_inventory()["all"]
-        all_vars = sim["vars"]
+        all_vars = {name: value for name, value in sim["vars"].items() if name not in SIMULATOR_LOGIN}
+        all_vars.update(self.session_ssh())
         board_vars = {**all_vars, **sim["children"]["rkllm_boards"]["vars"], **SIMULATED_HARDWARE}
         for group, values in (("all", all_vars), ("rkllm_boards", board_vars)):
             target = self.production / "group_vars" / group / "simulator.yml"
             target.write_text(yaml.safe_dump(values, sort_keys=False))
+
+    def session_ssh(self) -> dict[str, str]:
+        ssh = self.home / ".ssh"
+        return {"ansible_ssh_private_key_file": str(ssh / "id_ed25519"),
+                "ansible_ssh_common_args": f"-o UserKnownHostsFile={ssh / 'known_hosts'}"}
 
     def apply_settings(self, block: Block) -> None:
         """Merge a group_vars snippet into the file its first line names."""
@@ -198,10 +215,13 @@ class OperatorSession:
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
                               check=False)
 
+    @property
+    def home(self) -> Path:
+        return self.workdir / "home"
+
     def initial_env(self) -> dict[str, str]:
-        home = self.workdir / "home"
-        home.mkdir(exist_ok=True)
-        return {"PATH": SESSION_PATH, "HOME": str(home), "LANG": "C.UTF-8", "EDITOR": EDITOR}
+        self.home.mkdir(exist_ok=True)
+        return {"PATH": SESSION_PATH, "HOME": str(self.home), "LANG": "C.UTF-8", "EDITOR": EDITOR}
 
     def run_command(self, place: Place, command: Command) -> None:
         for step_marker, step in OPERATOR_STEPS.items():
@@ -227,8 +247,8 @@ class OperatorSession:
 
 # Steps the doc's prose asks of the operator, run before the command containing the key.
 OPERATOR_STEPS: dict[str, Callable[[OperatorSession], None]] = {
-    # Section 10, step 2: "Add it to hosts.yml under rkllm_boards".
-    f"--limit '{NEW_BOARD}:rkllm_balancers'": OperatorSession.add_new_board,
+    # Section 10, step 2: "Add it to hosts.yml under rkllm_boards", before its bootstrap.
+    f"bootstrap.yml --limit {NEW_BOARD}": OperatorSession.add_new_board,
     # Section 8: "Put the certificate chain and key on each balancer" starts from the operator's files.
     "ansible-vault encrypt files/tls/": OperatorSession.make_tls_files,
 }
@@ -240,7 +260,8 @@ RUNNABLE = [block for block in shell_blocks() if block.runnable]
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorSession]:
     workdir = tmp_path_factory.mktemp("deployment")
     started = time.monotonic()
-    fleet = Fleet.up(arch="amd64", boards=4, prefix=f"dd{PID_TAG}", inventory_dir=workdir / "fleet")
+    fleet = Fleet.up(arch="amd64", boards=4, prefix=f"dd{PID_TAG}", inventory_dir=workdir / "fleet",
+                     login=PASSWORD_LOGIN)
     operator = OperatorSession(fleet, workdir)
     print(f"\nfleet up in {time.monotonic() - started:.1f} s")
     try:
@@ -261,3 +282,25 @@ def test_deployment_guide_block_runs(session: OperatorSession, block: ShellBlock
     session.advance_to(block.block)
     for command in block.commands:
         session.run_command(block.place, command)
+
+
+def test_bootstrap_again_logs_in_with_the_key_and_changes_nothing(session: OperatorSession) -> None:
+    """After the guide: every host of the operator's inventory refuses the image's password, and a
+    second bootstrap (which can then only log in as ops with the key) succeeds on each without a change."""
+    inventory = session.run(Place.CONTROLLER, f"ansible-inventory -i {session.production} --list")
+    assert inventory.returncode == 0, inventory.stderr
+    hosts = json.loads(inventory.stdout)["_meta"]["hostvars"]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+           *session.session_ssh()["ansible_ssh_common_args"].split()]
+    for name, host_vars in hosts.items():
+        # sshd lists the methods it still offers: no password, no keyboard-interactive.
+        refused = subprocess.run([*ssh, "-o", "PreferredAuthentications=password,keyboard-interactive",
+                                  f"{VENDOR_USER}@{host_vars['ansible_host']}", "true"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+        assert refused.returncode != 0 and "Permission denied (publickey)." in refused.stderr, \
+            (name, refused.stderr)
+    rerun = session.run(Place.CONTROLLER, f"ansible-playbook -i {session.production} ansible/bootstrap.yml")
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-OUTPUT_TAIL:]
+    recap = dict(re.findall(r"^(\S+)\s+:\s+ok=\d+\s+(changed=\d+)", output, re.MULTILINE))
+    assert len(recap) == len(hosts) and set(recap.values()) == {"changed=0"}, output[-OUTPUT_TAIL:]

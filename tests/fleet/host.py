@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .commands import SimError, log, mount_points, run, wait_until
 from .network import NETNS_DIR, namespace_pids
+from .vendor_image import KEY_LOGIN, PASSWORD_LOGIN, VENDOR_PASSWORD, VENDOR_USER
 
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY_STATES = ("running", "degraded")
@@ -59,6 +60,8 @@ class HostSpec:
     arch: str
     lowerdirs: list[str]
     directory: str
+    # KEY_LOGIN: root logs in with the fleet's key; PASSWORD_LOGIN: only a vendor image's default user.
+    login: str = KEY_LOGIN
 
     @property
     def root(self) -> Path:
@@ -223,10 +226,15 @@ class Host:
                 "-o", "LogLevel=ERROR", f"root@{self.address}", *command]
 
     def _ssh_answers(self) -> bool:
+        if self.spec.login == PASSWORD_LOGIN:
+            # No key logs in to a fresh vendor image: sshd handing out its host key is the sign of life.
+            scan = run(["ssh-keyscan", "-T", "3", self.address], check=False, timeout=30)
+            return scan.returncode == 0 and bool(scan.stdout.strip())
         return run(self.ssh_args("true"), check=False, timeout=30).returncode == 0
 
     def wait_ready(self) -> float:
-        """Block until systemd finished booting and SSH logs in; return seconds waited."""
+        """Block until systemd finished booting and SSH answers (logs in, with a key login); return
+        seconds waited."""
         start = time.monotonic()
         timeout = BOOT_TIMEOUT[self.spec.arch]
         wait_until(lambda: self._system_state() in READY_STATES, timeout=timeout,
@@ -294,4 +302,6 @@ class Host:
     def describe(self) -> str:
         state = "running" if self.is_running() else "stopped"
         ssh = shlex.join(self.ssh_args())
+        if self.spec.login == PASSWORD_LOGIN:
+            ssh = f"ssh {VENDOR_USER}@{self.address} (password {VENDOR_PASSWORD})"
         return f"{self.name:<10} {self.address:<15} {self.spec.arch:<6} {state}  ssh: {ssh}"

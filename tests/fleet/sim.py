@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fixtures, kernels, mirror, native_nft, network, rootfs
+from . import fixtures, kernels, mirror, native_nft, network, rootfs, vendor_image
 from .commands import SimError, log, run
 from .host import Host, HostSpec, raise_inotify_limits
 from .inventory import Tree, write_inventory
@@ -67,6 +67,7 @@ class FleetState:
     arch: str
     subnet: str
     balancers: int = 1
+    login: str = vendor_image.KEY_LOGIN
     mirror_url: str = ""
     mirror_pid: int | None = None
     inventory: str = ""
@@ -161,10 +162,13 @@ class Fleet:
     @classmethod
     def up(cls, *, arch: str = "arm64", boards: int = 3, balancers: int = 1, prefix: str | None = None,
            inventory_dir: Path | None = None, board_driver: Sequence[str] = (),
-           board_ram: Sequence[str] = (), mirror_sources: mirror.MirrorSources | None = None) -> Fleet:
+           board_ram: Sequence[str] = (), mirror_sources: mirror.MirrorSources | None = None,
+           login: str = vendor_image.KEY_LOGIN) -> Fleet:
         """Build/reuse images, create the network, boot all hosts in parallel, write the inventory.
 
-        On any failure everything created so far is torn down before the error propagates.
+        login: KEY_LOGIN (root with the fleet's key) or PASSWORD_LOGIN (every host boots like a fresh
+        vendor image, vendor_image.py). On any failure everything created so far is torn down before the
+        error propagates.
         """
         prefix = prefix or default_prefix()
         _check_prefix(prefix)
@@ -172,6 +176,8 @@ class Fleet:
             raise SimError("--boards must be between 1 and 99")
         if not 1 <= balancers <= MAX_BALANCERS:
             raise SimError(f"--balancers must be between 1 and {MAX_BALANCERS}")
+        if login not in vendor_image.LOGINS:
+            raise SimError(f"--login must be one of {', '.join(vendor_image.LOGINS)}")
         hardware = fixtures.board_hardware(boards, fixtures.parse_overrides(list(board_driver), boards),
                                            fixtures.parse_overrides(list(board_ram), boards))
         sources = mirror_sources or mirror.MirrorSources.from_repo(arch)
@@ -180,7 +186,8 @@ class Fleet:
             raise SimError(f"fleet {prefix} already exists: run `python3 -m tests.fleet.sim down` first")
         run_dir.mkdir(parents=True)
         subnet = network.choose_subnet(prefix)
-        fleet = cls(FleetState(prefix=prefix, arch=arch, subnet=str(subnet), balancers=balancers), run_dir)
+        state = FleetState(prefix=prefix, arch=arch, subnet=str(subnet), balancers=balancers, login=login)
+        fleet = cls(state, run_dir)
         fleet.state.save(run_dir)
         try:
             fleet._create(boards, hardware, sources, inventory_dir or REPO_ROOT / "inventory/sim")
@@ -224,7 +231,8 @@ class Fleet:
                                  _host_interface(self.state.subnet, host_number))
         return HostSpec(name=name, machine=f"{self.prefix}-{name}", netns=netns,
                         address=_host_address(self.state.subnet, host_number), arch=image.arch,
-                        lowerdirs=[str(p) for p in image.lowerdirs], directory=str(self.run_dir / name))
+                        lowerdirs=[str(p) for p in image.lowerdirs], directory=str(self.run_dir / name),
+                        login=self.state.login)
 
     def _start_mirror(self, sources: mirror.MirrorSources) -> None:
         root = self.run_dir / "mirror"
@@ -237,9 +245,12 @@ class Fleet:
 
     def _prepare(self, host: Host, fixture_files: dict[str, str], fixture_links: dict[str, str]) -> None:
         host.mount()
-        public_key = self.ssh_key.with_suffix(".pub").read_text()
-        host.write_file("/root/.ssh/authorized_keys", public_key, 0o600)
-        (host.spec.root / "root/.ssh").chmod(0o700)
+        if host.spec.login == vendor_image.PASSWORD_LOGIN:
+            vendor_image.install_vendor_login(host.spec.root)
+        else:
+            public_key = self.ssh_key.with_suffix(".pub").read_text()
+            host.write_file("/root/.ssh/authorized_keys", public_key, 0o600)
+            (host.spec.root / "root/.ssh").chmod(0o700)
         host.write_file("/etc/hostname", f"{host.name}\n")
         names = "".join(f"{spec.address}\t{spec.name}\n" for spec in self.state.hosts)
         host.write_file("/etc/hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{names}")
@@ -280,8 +291,7 @@ class Fleet:
         }
         tree: dict[str, Tree] = {"all": {
             "vars": {
-                "ansible_user": "root",
-                "ansible_ssh_private_key_file": str(self.ssh_key),
+                **self._login_vars(),
                 "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_pipelining": True,
@@ -306,6 +316,13 @@ class Fleet:
             },
         }}
         return write_inventory(directory, tree)
+
+    def _login_vars(self) -> dict[str, Tree]:
+        if self.state.login == vendor_image.PASSWORD_LOGIN:
+            password = vendor_image.VENDOR_PASSWORD
+            return {"ansible_user": vendor_image.VENDOR_USER, "ansible_password": password,
+                    "ansible_become_password": password}
+        return {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.ssh_key)}
 
     def _balancer_group(self) -> dict[str, Tree]:
         if not self.virtual_address:
@@ -392,6 +409,9 @@ def _parser() -> argparse.ArgumentParser:
     up_cmd.add_argument("--inventory", type=Path, help="inventory dir (default inventory/sim)")
     up_cmd.add_argument("--board-driver", action="append", default=[], metavar="bN=VERSION")
     up_cmd.add_argument("--board-ram", action="append", default=[], metavar="bN=MIB")
+    up_cmd.add_argument("--login", choices=vendor_image.LOGINS, default=vendor_image.KEY_LOGIN,
+                        help="password: every host boots like a fresh vendor image (its default user by "
+                             "password only, no root login), for ansible/bootstrap.yml")
     command("down", "remove everything of this prefix")
     command("status", "list hosts, addresses, state")
     for verb in ("restart-board", "stop-board", "start-board"):
@@ -409,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.monotonic()
             fleet = Fleet.up(arch=args.arch, boards=args.boards, balancers=args.balancers, prefix=prefix,
                              inventory_dir=args.inventory, board_driver=args.board_driver,
-                             board_ram=args.board_ram)
+                             board_ram=args.board_ram, login=args.login)
             print("\n".join(fleet.status_lines()))
             print(f"fleet up in {time.monotonic() - start:.1f}s")
         elif args.command == "down":

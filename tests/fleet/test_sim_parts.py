@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ from .fixtures import board_hardware, parse_overrides
 from .inventory import to_yaml
 from .kernels import build_kernel_deb
 from .mirror import model_name
+from .vendor_image import VENDOR_PASSWORD, VENDOR_SSHD_DROPIN, VENDOR_USER, install_vendor_login
 
 
 def test_inventory_yaml_round_trips_awkward_values() -> None:
@@ -81,3 +84,26 @@ def test_model_name_comes_from_the_name_line(tmp_path) -> None:
     bare = tmp_path / "bare.rkllm"
     bare.write_text("format = rkllm-double/1\n")
     assert model_name(bare) == "bare"
+
+
+def test_vendor_login_is_the_default_user_with_its_password_and_sudo(tmp_path: Path) -> None:
+    """useradd --prefix writes the files (as root, like the rest of the suite)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        shutil.copy(Path("/etc") / name, etc / name)
+    shutil.copytree("/etc/skel", etc / "skel")
+    install_vendor_login(tmp_path)
+    user = next(line.split(":") for line in (etc / "passwd").read_text().splitlines()
+                if line.startswith(f"{VENDOR_USER}:"))
+    assert user[5] == f"/home/{VENDOR_USER}" and user[6] == "/bin/bash"
+    assert (tmp_path / "home" / VENDOR_USER / ".bashrc").is_file()
+    sudo = next(line for line in (etc / "group").read_text().splitlines() if line.startswith("sudo:"))
+    assert VENDOR_USER in sudo.rsplit(":", 1)[1].split(",")
+    stored = next(line.split(":")[1] for line in (etc / "shadow").read_text().splitlines()
+                  if line.startswith(f"{VENDOR_USER}:"))
+    salt = stored.split("$")[2]
+    again = subprocess.run(["openssl", "passwd", "-6", "-salt", salt, VENDOR_PASSWORD],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert stored == again
+    assert (tmp_path / VENDOR_SSHD_DROPIN).read_text() == "PasswordAuthentication yes\nPermitRootLogin no\n"

@@ -43,7 +43,7 @@ EXAMPLE_INVENTORY = "inventory/production.example"
 BIN = Path(sys.executable).parent
 COLLECTOR = "roles/monitoring/templates/rknpu-textfile-collector.sh.j2"
 ROLE_PREFIXES = ("rknpu_driver", "rkllm_lib", "rkllm_models", "rkllm_server", "rkllm_convert",
-                 "nginx_lb", "fleet_firewall", "monitoring", "balancer_vip")
+                 "nginx_lb", "fleet_firewall", "monitoring", "balancer_vip", "fleet_bootstrap")
 # Playbook-level knobs (not role variables), checked against the playbooks themselves.
 PLAYBOOK_PREFIXES = ("rolling_update", "bench")
 CONNECTION_VARS = {"ansible_host", "ansible_user", "ansible_port", "ansible_python_interpreter",
@@ -51,8 +51,8 @@ CONNECTION_VARS = {"ansible_host", "ansible_user", "ansible_port", "ansible_pyth
 # Commands the doc may use that the test cannot check beyond existing: standard tools on the
 # controller and on the boards.
 PLAIN_TOOLS = {"awk", "bash", "cat", "cp", "curl", "dmesg", "echo", "export", "grep", "install",
-               "journalctl", "nft", "openssl", "sha256sum", "ssh", "systemctl", "systemd-analyze",
-               "uname", "ulimit", "."}
+               "journalctl", "nft", "openssl", "sha256sum", "ssh", "ssh-keygen", "systemctl",
+               "systemd-analyze", "test", "uname", "ulimit", "."}
 VAULT_SUBCOMMANDS = {"create", "decrypt", "edit", "encrypt", "encrypt_string", "rekey", "view"}
 SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
 _PREFIX_ALTERNATIVES = "|".join(ROLE_PREFIXES + PLAYBOOK_PREFIXES)
