@@ -14,7 +14,8 @@ import pytest
 import yaml
 from e2e.site_runs import REPO_ROOT, SHARED_BOARDS, SharedSiteFleet, SiteRun, SiteRunner
 
-pytestmark = pytest.mark.fleet
+# A cold site.yml takes minutes on a loaded 2-core machine: more than the 300 s default per test.
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
 GOOD_BOARDS = ("board1", "board2", "board3")
 ALL_BOARDS = SHARED_BOARDS
