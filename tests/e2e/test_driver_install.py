@@ -1,18 +1,19 @@
-"""The rknpu_driver install path on the simulated fleet (3 amd64 boards and the balancer).
+"""The rknpu_driver install path on the simulated fleet (4 amd64 boards and the balancer).
 
-board2 boots a kernel whose rknpu driver is 0.9.6. The fleet is first provisioned as it ran before the
+board4 boots a kernel whose rknpu driver is 0.9.6 (board3 has 8 GB of RAM: the fleet is the one
+test_site_refusals.py provisions first, tests/e2e/site_runs.py). It is first provisioned as it ran before the
 install path existed (the minimum lowered to 0.9.6), then site.yml runs with
 `rknpu_driver_install: true` and a kernel .deb from the simulator's mirror: check mode reports the
 install, unknown images, a rocket board and a wrong sha256 are refused before anything changes, a
 kernel that still carries 0.9.7 is refused after its reboot, the 0.9.8 kernel is installed while a
 client streams through the balancer, and a second run changes nothing. The tests run in file order
-on one fleet.
+on one fleet, which is torn down after them (its board4 runs another kernel then).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,31 +22,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e.test_site_refusals import SiteRun, SiteRunner, snapshot_server_source
+from e2e.site_runs import REPO_ROOT, SHARED_BOARDS, SharedSiteFleet, SiteRun, SiteRunner
 from e2e.waiting import wait_until
-from fleet.sim import Fleet
+from fleet.kernels import KERNEL_RELEASE_PATH
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
-BOARDS = ("board1", "board2", "board3")
-OLD, OTHERS = "board2", ("board1", "board3")
+BOARDS = SHARED_BOARDS
+OLD, OTHERS = "board4", ("board1", "board2", "board3")
 EVERY_HOST = (*BOARDS, "balancer1")
 IMAGE_KERNEL = "6.1.43-fleetsim"
 INSTALL_PLAY = "PLAY [Install kernels with a newer rknpu driver, a batch at a time]"
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRunner]:
-    workdir = tmp_path_factory.mktemp("driver")
-    snapshot_server_source(workdir)
-    fleet = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=f"ek{os.getpid() % 0x10000:04x}",
-                     inventory_dir=workdir / "inventory", board_driver=["b2=0.9.6"])
+def site(shared_site_fleet: SharedSiteFleet) -> Iterator[SiteRunner]:
     try:
-        yield SiteRunner(fleet, workdir)
+        yield dataclasses.replace(shared_site_fleet.provisioning(), limit=BOARDS)
     finally:
-        fleet.down()
+        shared_site_fleet.down()
 
 
 def timed(label: str, run: SiteRun) -> SiteRun:
@@ -55,7 +51,7 @@ def timed(label: str, run: SiteRun) -> SiteRun:
 
 @pytest.fixture(scope="module")
 def provisioned(site: SiteRunner) -> SiteRun:
-    """The fleet as it served before the install path: board2 on 0.9.6 passes with a warning."""
+    """The fleet as it served before the install path: board4 on 0.9.6 passes with a warning."""
     run = timed("provisioning with rknpu 0.9.6 accepted",
                 site.run("-e", "rknpu_driver_min_version=0.9.6", limit=EVERY_HOST))
     assert run.returncode == 0, run.output[-6000:]
@@ -84,6 +80,12 @@ def server_pid(site: SiteRunner, board: str) -> str:
 
 def driver(site: SiteRunner, board: str) -> str:
     return board_exec(site, board, "cat", "/srv/fixtures/rknpu/version").strip()
+
+
+def booted_driver_and_kernel(site: SiteRunner, board: str) -> str:
+    """What the role reports a board ran before an install: "0.9.6 on 6.1.43-fleetsim"."""
+    version = driver(site, board).removeprefix("RKNPU driver: v")
+    return f"{version} on {board_exec(site, board, 'cat', KERNEL_RELEASE_PATH).strip()}"
 
 
 def snapshot(site: SiteRunner) -> dict[str, tuple[str, str]]:
@@ -122,7 +124,7 @@ def test_check_mode_reports_the_install_and_the_reboot(site: SiteRunner, provisi
     run = timed("check mode", site.run("--check", *install_vars(site, "0.9.8"), limit=EVERY_HOST))
     assert run.returncode == 0, run.output[-6000:]
     deb = "linux-image-6.1.84-fleetsim_1.0_amd64.deb"
-    assert re.search(rf"board2: rknpu driver 0\.9\.6 \(kernel {IMAGE_KERNEL}\) is older than 0\.9\.8: "
+    assert re.search(rf"{OLD}: rknpu driver 0\.9\.6 \(kernel {IMAGE_KERNEL}\) is older than 0\.9\.8: "
                      rf"would install {deb} from http://\S+/kernels/{deb}, keeps kernel {IMAGE_KERNEL} "
                      r"installed, then would reboot", run.output), run.output[-6000:]
     for board in OTHERS:
@@ -137,7 +139,7 @@ def test_check_mode_reports_the_install_and_the_reboot(site: SiteRunner, provisi
 def test_unknown_image_is_refused_before_anything_changes(site: SiteRunner, provisioned: SiteRun) -> None:
     before = snapshot(site)
     output = refused_before_install(site.run("-e", json.dumps({"rknpu_driver_install": True})))
-    assert re.search(r"board2: rknpu driver 0\.9\.6 needs a kernel with rknpu >= 0\.9\.8, but Debian "
+    assert re.search(rf"{OLD}: rknpu driver 0\.9\.6 needs a kernel with rknpu >= 0\.9\.8, but Debian "
                      rf"12[.\d]* \(kernel {IMAGE_KERNEL}\) is neither Armbian nor Ubuntu Rockchip: set "
                      "rknpu_driver_kernel_package_url and rknpu_driver_kernel_package_sha256", output), \
         output[-4000:]
@@ -175,19 +177,19 @@ def test_kernel_still_too_old_after_reboot_is_refused_and_board_keeps_serving(
     before = snapshot(site)
     run = timed("0.9.7 kernel", site.run(*install_vars(site, "0.9.7")))
     assert run.returncode != 0, run.output[-4000:]
-    assert ("board2: after installing linux-image-6.1.75-fleetsim_1.0_amd64.deb from" in run.output
+    assert (f"{OLD}: after installing linux-image-6.1.75-fleetsim_1.0_amd64.deb from" in run.output
             and "and rebooting, kernel 6.1.75-fleetsim reports rknpu driver 0.9.7 "
             f"(was 0.9.6 on {IMAGE_KERNEL}), still older than 0.9.8: the board stays on the kernel that "
             f"booted, 6.1.75-fleetsim (kernel {IMAGE_KERNEL} is still installed)" in run.output), \
         run.output[-4000:]
     after = snapshot(site)
-    assert after[OLD][0] != before[OLD][0], "board2 was rebooted"
+    assert after[OLD][0] != before[OLD][0], f"{OLD} was not rebooted"
     assert all(after[board] == before[board] for board in OTHERS)
     assert driver(site, OLD) == "RKNPU driver: v0.9.7"
     board = site.fleet.board(OLD)
     assert board.exec(["test", "-f", f"/boot/vmlinuz-{IMAGE_KERNEL}"], check=False).returncode == 0
     # Not broken: the server runs on the kernel that booted (still drained: only a resume ends a drain).
-    wait_until(lambda: ready_state(site, OLD) in ("ready", "draining"), "board2's server answers /ready")
+    wait_until(lambda: ready_state(site, OLD) in ("ready", "draining"), f"{OLD}'s server answers /ready")
     resume = [str(Path(sys.executable).parent / "ansible"), "-i", str(site.fleet.inventory_path.parent), OLD,
               "-b", "-m", "ansible.builtin.include_role", "-a", "name=rkllm_server tasks_from=resume"]
     resumed = subprocess.run(resume, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -206,6 +208,8 @@ def balancer_evidence(site: SiteRunner, failed: list[dict[str, object]]) -> str:
 def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
         site: SiteRunner, provisioned: SiteRun, tmp_path: Path) -> None:
     before = snapshot(site)
+    # 0.9.7 after the test above, 0.9.6 when this test runs alone.
+    was = booted_driver_and_kernel(site, OLD)
     balancer_before = nginx_processes(site)
     stop_file = tmp_path / "stop"
     load = subprocess.Popen(
@@ -216,7 +220,7 @@ def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
         run = timed("0.9.8 kernel under load", site.run(*install_vars(site, "0.9.8"), limit=EVERY_HOST))
         if run.returncode == 0:
             # Its metrics restarted at zero with the reboot: tokens there mean nginx sends it requests again.
-            wait_until(lambda: generated_tokens(site, OLD) > 0, "board2 serves through the balancer again")
+            wait_until(lambda: generated_tokens(site, OLD) > 0, f"{OLD} serves through the balancer again")
     finally:
         stop_file.touch()
         out, _ = load.communicate(timeout=180)
@@ -225,11 +229,10 @@ def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
     failed = [r for r in records if r.get("status") != 200 or not r.get("complete")]
     print(f"[driver install] continuous client: {len(records)} requests, {len(failed)} failed")
     drain = run.output.split("TASK [rkllm_server : Create the drain file]")[1].split("TASK [")[0]
-    assert "changed: [board2]" in drain, drain
-    assert "board2: kernel 6.1.84-fleetsim booted with rknpu driver 0.9.8 (was 0.9.7 on 6.1.75-fleetsim)" \
-        in run.output
+    assert f"changed: [{OLD}]" in drain, drain
+    assert f"{OLD}: kernel 6.1.84-fleetsim booted with rknpu driver 0.9.8 (was {was})" in run.output
     after = snapshot(site)
-    assert after[OLD][0] != before[OLD][0], "board2 was rebooted"
+    assert after[OLD][0] != before[OLD][0], f"{OLD} was not rebooted"
     assert all(after[board] == before[board] for board in OTHERS), (before, after)
     assert driver(site, OLD) == "RKNPU driver: v0.9.8"
     assert ready_state(site, OLD) == "ready"
@@ -238,6 +241,10 @@ def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
 
 
 def test_second_run_changes_nothing_and_never_reboots(site: SiteRunner, provisioned: SiteRun) -> None:
+    if driver(site, OLD) != "RKNPU driver: v0.9.8":
+        # Run alone, the install above has not happened: this is the first run, the one below the second.
+        first = timed("first install run", site.run(*install_vars(site, "0.9.8"), limit=EVERY_HOST))
+        assert first.returncode == 0, first.output[-6000:]
     before = snapshot(site)
     run = timed("second run", site.run(*install_vars(site, "0.9.8"), limit=EVERY_HOST))
     assert run.returncode == 0, run.output[-6000:]

@@ -1,6 +1,16 @@
-"""The whole-fleet scenario on emulated arm64 boards, as an operator runs it: a cold `site.yml` on three
-bare boards (boards, balancer, firewalls, smoke), a second run that changes nothing, then a user's
-streamed chat through the balancer. Timings are printed; they are the README's site.yml numbers."""
+"""The whole-fleet scenario on emulated arm64 boards, as an operator runs it: a cold `site.yml` on two
+bare boards (boards, balancer, firewalls, smoke), then a user's streamed chat through the balancer. The
+cold run's time is printed; it is the README's site.yml number.
+
+What only arm64 can prove is proven here: the aarch64 library, the server's wheel and service on an
+aarch64 Python, the smoke chat on each board and through the balancer. Two boards keep it a fleet (the
+balancer has more than one upstream) at two thirds of the emulated work of three: on two cores, each
+board's tasks run under qemu at seconds each. That a second site.yml changes nothing is proven on amd64
+boards (test_site_refusals.py on the boards, test_driver_install.py on boards and balancer): no task
+branches on the architecture (preflight asserts read it; it picks the mirror's library file and the
+wheelhouse's platform tag, both cached under a key and pushed by the same checksum-compared copies),
+so a task that changed on a second run would change on either arch.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.timeout(3600)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
+BOARDS = ("board1", "board2")
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -38,7 +49,7 @@ def site_yml(fleet: Fleet) -> tuple[float, dict[str, int]]:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     prefix = f"ea{os.getpid() % 0x10000:04x}"
     inventory = tmp_path_factory.mktemp("arm64") / "inventory"
-    started = Fleet.up(arch="arm64", boards=3, prefix=prefix, inventory_dir=inventory)
+    started = Fleet.up(arch="arm64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
     try:
         yield started
     finally:
@@ -54,21 +65,14 @@ def test_cold_site_yml_provisions_every_board(fleet: Fleet, cold_run: tuple[floa
                                               capsys: pytest.CaptureFixture[str]) -> None:
     seconds, recap = cold_run
     with capsys.disabled():
-        print(f"\n[arm64 fleet] cold site.yml on 3 boards + balancer: {seconds:.0f} s, changed {recap}")
-    assert {"board1", "board2", "board3", "balancer1"} <= recap.keys()
-    assert all(recap[b] > 0 for b in ("board1", "board2", "board3"))
+        print(f"\n[arm64 fleet] cold site.yml on {len(BOARDS)} boards + balancer: {seconds:.0f} s, "
+              f"changed {recap}")
+    assert {*BOARDS, "balancer1"} <= recap.keys()
+    assert all(recap[b] > 0 for b in BOARDS)
     for board in fleet.boards:
         shown = board.exec(["systemctl", "show", "-p", "ActiveState,User", "rkllm-server"]).stdout
         assert "ActiveState=active" in shown and "User=rkllm" in shown, shown
         assert board.exec(["uname", "-m"]).stdout.strip() == "aarch64"
-
-
-def test_second_site_yml_changes_nothing(fleet: Fleet, cold_run: tuple[float, dict[str, int]],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    seconds, recap = site_yml(fleet)
-    with capsys.disabled():
-        print(f"\n[arm64 fleet] second site.yml: {seconds:.0f} s, changed {recap}")
-    assert recap and all(changed == 0 for changed in recap.values()), recap
 
 
 def test_a_user_streams_a_chat_answer_through_the_balancer(fleet: Fleet,

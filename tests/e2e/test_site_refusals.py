@@ -1,93 +1,29 @@
 """site.yml refuses bad inventories in preflight, before any board is touched, with one line per board;
 on good boards check mode passes on pristine boards, a cold run provisions them and a second run
-changes nothing. One amd64 fleet is booted for the module: board1/board2 are healthy, board3 has
-8 GB of RAM and board4 runs rknpu 0.9.6, so every refusal is a different inventory on the same boards."""
+changes nothing. The module runs on pristine boards of the amd64 fleet it shares with
+test_driver_install.py (tests/e2e/site_runs.py): board1/board2 are healthy, board3 has 8 GB of RAM and
+board4 runs rknpu 0.9.6, so every refusal is a different inventory on the same boards."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
-from fleet.sim import Fleet
+from e2e.site_runs import REPO_ROOT, SHARED_BOARDS, SharedSiteFleet, SiteRun, SiteRunner
 
-pytestmark = pytest.mark.fleet
+# A cold site.yml takes minutes on a loaded 2-core machine: more than the 300 s default per test.
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 GOOD_BOARDS = ("board1", "board2", "board3")
-ALL_BOARDS = (*GOOD_BOARDS, "board4")
-RECAP_LINE = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-# Written by a provisioning run; absent on a pristine board.
-PROVISIONED_PATHS = ("/opt/rkllm", "/opt/rkllm-server", "/etc/rkllm-server",
-                     "/etc/systemd/system/rkllm-server.service", "/etc/ld.so.conf.d/rkllm.conf")
-
-
-@dataclass(frozen=True)
-class SiteRun:
-    returncode: int
-    output: str
-    seconds: float
-
-    def changed(self) -> dict[str, int]:
-        lines = RECAP_LINE.findall(self.output)
-        return {host: int(changed) for host, changed, _unreachable, _failed in lines}
-
-
-@dataclass(frozen=True)
-class SiteRunner:
-    fleet: Fleet
-    workdir: Path
-
-    def run(self, *extra: str, limit: tuple[str, ...] = GOOD_BOARDS,
-            inventories: tuple[Path, ...] = ()) -> SiteRun:
-        sources = [arg for inventory in (self.fleet.inventory_path.parent, *inventories)
-                   for arg in ("-i", str(inventory))]
-        # A private controller cache keeps the module's first run cold; the source snapshot keeps
-        # the wheel stable while the repository is being edited.
-        settings = {"rkllm_lib_cache_dir": str(self.workdir / "cache"),
-                    "rkllm_models_cache_dir": str(self.workdir / "cache"),
-                    "rkllm_server_cache_dir": str(self.workdir / "cache"),
-                    "rkllm_server_source_dir": str(self.workdir / "src")}
-        argv = [str(Path(sys.executable).parent / "ansible-playbook"), *sources, "site.yml",
-                "--limit", ",".join(limit), "-e", json.dumps(settings), *extra]
-        started = time.monotonic()
-        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False)
-        return SiteRun(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
-
-    def assert_pristine(self, boards: tuple[str, ...] = ALL_BOARDS) -> None:
-        for name in boards:
-            script = 'for p in "$@"; do [ -e "$p" ] && echo "$p"; done; true'
-            present = self.fleet.board(name).exec(["sh", "-c", script, "-", *PROVISIONED_PATHS])
-            assert present.stdout == "", f"{name} was changed: {present.stdout}"
-
-
-def snapshot_server_source(workdir: Path) -> None:
-    """Copy the server's source to workdir/src, which SiteRunner builds the board wheel from."""
-    (workdir / "src").mkdir()
-    shutil.copytree(REPO_ROOT / "rkllm_runtime", workdir / "src" / "rkllm_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO_ROOT / "pyproject.toml", workdir / "src")
+ALL_BOARDS = SHARED_BOARDS
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteRunner]:
-    workdir = tmp_path_factory.mktemp("site")
-    snapshot_server_source(workdir)
-    fleet = Fleet.up(arch="amd64", boards=4, prefix=f"er{os.getpid() % 0x10000:04x}",
-                     inventory_dir=workdir / "inventory", board_driver=["b4=0.9.6"], board_ram=["b3=8192"])
-    try:
-        yield SiteRunner(fleet, workdir)
-    finally:
-        fleet.down()
+def site(shared_site_fleet: SharedSiteFleet) -> SiteRunner:
+    return dataclasses.replace(shared_site_fleet.pristine(), limit=GOOD_BOARDS)
 
 
 def refused(run: SiteRun) -> str:
@@ -117,11 +53,15 @@ def test_unknown_model_is_refused_on_every_board(site: SiteRunner) -> None:
 
 def test_board_with_another_soc_is_refused(site: SiteRunner) -> None:
     compatible = "/srv/fixtures/device-tree/compatible-rk3566"
-    site.fleet.board("board2").write_file(compatible, "radxa,rock-3a\0rockchip,rk3566\0")
+    board2 = site.fleet.board("board2")
+    board2.write_file(compatible, "radxa,rock-3a\0rockchip,rk3566\0")
     override = site.workdir / "rk3566.yml"
     override.write_text(yaml.safe_dump(
         {"all": {"hosts": {"board2": {"rknpu_driver_devicetree_compatible_path": compatible}}}}))
-    output = refused(site.run(inventories=(override,)))
+    try:
+        output = refused(site.run(inventories=(override,)))
+    finally:
+        board2.exec(["rm", "-f", compatible])
     assert (f"board2: unsupported board: {compatible} says radxa,rock-3a rockchip,rk3566; RKLLM 1.2.3 fleets "
             "need one of rockchip,rk3588, rockchip,rk3588s") in output, output[-4000:]
     assert "board1: unsupported board" not in output
@@ -167,7 +107,8 @@ def check_run(site: SiteRunner) -> SiteRun:
 
 
 @pytest.fixture(scope="module")
-def cold_run(site: SiteRunner, check_run: SiteRun) -> SiteRun:
+def cold_run(shared_site_fleet: SharedSiteFleet, site: SiteRunner, check_run: SiteRun) -> SiteRun:
+    shared_site_fleet.provisioning()
     return site.run()
 
 

@@ -104,9 +104,11 @@ def _key(*parts: object) -> str:
 
 
 @contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
+def _build_lock(root: Path, arch: str) -> Iterator[None]:
+    """One build per arch at a time: `make test` builds the arm64 images in the background while the
+    amd64 fleets of the first tests build and boot theirs."""
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as lock:
+    with (root / f".lock-{arch}").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -114,8 +116,12 @@ def _build_lock(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _tmp_root(root: Path, arch: str) -> Path:
+    return root / f"tmp-{arch}"
+
+
 def _discard_stale_builds(tmp_root: Path) -> None:
-    """Called under the lock, so any temp build left here was interrupted."""
+    """Called under the arch's lock, so any temp build left in its temp root was interrupted."""
     if not tmp_root.exists():
         return
     for mount in mounts_under(tmp_root):
@@ -167,11 +173,11 @@ def base_image(arch: str) -> Path:
     final = root / "rootfs" / f"{SUITE}-{arch}-{_key(BUILD_SCRIPT_VERSION, SUITE, arch, BASE_PACKAGES)}"
     if final.is_dir():
         return final
-    with _build_lock(root):
+    with _build_lock(root, arch):
         if final.is_dir():
             return final
-        _discard_stale_builds(root / "tmp")
-        tmp = root / "tmp" / final.name
+        _discard_stale_builds(_tmp_root(root, arch))
+        tmp = _tmp_root(root, arch) / final.name
         tmp.parent.mkdir(parents=True)
         log(f"building {arch} rootfs (debootstrap {SUITE} from {debian_mirror()}) ...")
         start = time.monotonic()
@@ -234,10 +240,10 @@ def layered_image(arch: str, flavor: str) -> Image:
     final = root / "layers" / f"{arch}-{flavor}-{key}"
     if final.is_dir():
         return Image(arch, flavor, (final, base))
-    with _build_lock(root):
+    with _build_lock(root, arch):
         if not final.is_dir():
-            _discard_stale_builds(root / "tmp")
-            tmp = root / "tmp" / final.name
+            _discard_stale_builds(_tmp_root(root, arch))
+            tmp = _tmp_root(root, arch) / final.name
             log(f"building {arch} {flavor} layer ({', '.join(packages)}) ...")
             start = time.monotonic()
             _build_layer(base, tmp / "upper", tmp / "work", tmp / "merged", packages, root / "debs" / arch)
@@ -246,3 +252,13 @@ def layered_image(arch: str, flavor: str) -> Image:
             shutil.rmtree(tmp)
             log(f"{arch} {flavor} layer built in {time.monotonic() - start:.0f}s: {final}")
     return Image(arch, flavor, (final, base))
+
+
+if __name__ == "__main__":
+    # `python3 -m tests.fleet.rootfs arm64-board amd64-balancer`: build (or reuse) images ahead of the
+    # fleets that boot them, as .ci/run and `make test` do in the background.
+    import sys
+
+    for image in sys.argv[1:]:
+        image_arch, _, image_flavor = image.partition("-")
+        print(layered_image(image_arch, image_flavor).lowerdirs[0], flush=True)
