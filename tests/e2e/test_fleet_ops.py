@@ -343,25 +343,26 @@ def build_info(fleet: Fleet, board: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', labels.group(1)))
 
 
+def failed_requests(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [r for r in records if r.get("status") != 200 or not r.get("complete")]
+
+
 @contextmanager
-def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], list[dict[str, object]]]]:
-    """Two streaming clients back to back through the balancer; the yielded function stops them and
-    returns the failed requests (each asserted after the block, with the count printed)."""
-    stop_file = tmp_path / "stop-load"
+def continuous_client(fleet: Fleet, stop_file: Path,
+                      model: str = QWEN) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """Two streaming clients of `model` back to back through the balancer; the yielded function stops
+    them and returns every request's record (start and end time, status)."""
     load = subprocess.Popen(
         ["ip", "netns", "exec", fleet.client_netns, sys.executable, str(LOAD_SCRIPT),
          f"http://{fleet.balancer.address}", "continuous", "--concurrency", "2", "--max-tokens", "8",
-         "--seconds", "900", "--stop-file", str(stop_file)],
+         "--model", model, "--seconds", "900", "--stop-file", str(stop_file)],
         stdout=subprocess.PIPE, text=True)
-    result: list[dict[str, object]] = []
 
     def stop() -> list[dict[str, object]]:
         stop_file.touch()
         out, _ = load.communicate(timeout=180)
-        result.extend(json.loads(out)["records"])
-        failed = [r for r in result if r.get("status") != 200 or not r.get("complete")]
-        print(f"continuous client: {len(result)} requests, {len(failed)} failed")
-        return failed
+        records: list[dict[str, object]] = json.loads(out)["records"]
+        return sorted(records, key=lambda r: float(str(r["start"])))
 
     try:
         yield stop
@@ -369,6 +370,20 @@ def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], lis
         if load.poll() is None:
             load.kill()
             load.wait()
+
+
+@contextmanager
+def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """continuous_client of the fleet's main model; the yielded function returns the failed requests
+    (each asserted after the block, with the count printed)."""
+    with continuous_client(fleet, tmp_path / "stop-load") as stop_records:
+        def stop() -> list[dict[str, object]]:
+            records = stop_records()
+            failed = failed_requests(records)
+            print(f"continuous client: {len(records)} requests, {len(failed)} failed")
+            return failed
+
+        yield stop
 
 
 def restart_times(fleet: Fleet) -> dict[str, float]:
@@ -467,3 +482,61 @@ def test_canary_library_on_one_board_then_the_whole_fleet(fleet: Fleet) -> None:
     assert server_pids(fleet) == after_canary, "a run with nothing to change restarted a server"
     assert {b: build_info(fleet, b)["runtime"] for b in BOARDS} == {
         "board1": "1.2.3", "board2": CANARY_VERSION, "board3": "1.2.3"}
+
+
+DEEPSEEK = "DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def retried_model_not_found(fleet: Fleet) -> int:
+    """Requests the balancer logged as a board's 404 passed on to a board that answered 200."""
+    log = fleet.balancer.exec(["cat", "/var/log/nginx/access.log"]).stdout
+    return len(re.findall(r'us="(?:[^"]*, )?404(?:, [^"]*)?, 200"', log))
+
+
+def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fleet: Fleet,
+                                                                             tmp_path: Path) -> None:
+    """Section 11 of DEPLOYMENT.md: catalog entry, enable on two boards, rolling_update.yml limited to
+    them and the balancers, under clients of the new model and of the old one."""
+    inventory = fleet.inventory_path.parent
+    group_vars = inventory / "group_vars/rkllm_boards.yml"
+    tree = yaml.safe_load(group_vars.read_text())
+    tree["rkllm_models_catalog"].append({
+        "name": DEEPSEEK, "url": "SET-ME", "sha256": "SET-ME", "size_mb": 1900, "memory_mb": 1660,
+        "toolkit_version": "1.2.3", "kind": "reasoning", "template": "deepseek-r1", "context_length": 4096,
+        "expected_tokens_per_second": 16.3})
+    group_vars.write_text(yaml.safe_dump(tree))
+    for board in ("board1", "board2"):
+        host_vars = inventory / f"host_vars/{board}.yml"
+        before = host_vars.read_text() if host_vars.exists() else ""
+        host_vars.write_text(before + yaml.safe_dump({"rkllm_models_enabled": [QWEN, DEEPSEEK]}))
+    retried_before = retried_model_not_found(fleet)
+    with (continuous_client(fleet, tmp_path / "stop-new", DEEPSEEK) as stop_new,
+          continuous_client(fleet, tmp_path / "stop-old") as stop_old):
+        started = time.time()
+        playbook(fleet, "ansible/rolling_update.yml", "--limit", "board1:board2:rkllm_balancers")
+        finished = time.time()
+        new, old = stop_new(), stop_old()
+    answered = [r for r in new if r.get("status") == 200]
+    assert answered, new[-3:]
+    first = float(str(answered[0]["start"]))
+    after_first = [r for r in new if float(str(r["start"])) >= first]
+    not_found = [r for r in after_first if r.get("status") == 404]
+    retried = retried_model_not_found(fleet) - retried_before
+    print(f"{DEEPSEEK} added in {finished - started:.0f}s, first answer {first - started:.1f}s into the run; "
+          f"from then on {len(after_first)} requests, {len(not_found)} answered 404, "
+          f"{len(failed_requests(after_first))} failed; before it {len(new) - len(after_first)} "
+          f"(404: no board had it); {retried} answered after a board's 404; {QWEN}: {len(old)} requests, "
+          f"{len(failed_requests(old))} failed")
+    assert failed_requests(after_first) == [], failed_requests(after_first)[:3]
+    assert failed_requests(old) == [], failed_requests(old)[:3]
+    # The boards served the model before nginx's map knew it: a board without it answered 404 and
+    # nginx passed the request on.
+    assert retried > 0
+    assert all(r.get("status") == 404 for r in new if float(str(r["start"])) < first)
+    # The map now sends the model to the two boards only.
+    config = fleet.balancer.exec(["cat", "/etc/nginx/nginx.conf"]).stdout
+    upstream = config.split(f"# model {DEEPSEEK.lower()}", 1)[1].split("}", 1)[0]
+    assert sorted(re.findall(r"# (board\d)", upstream)) == ["board1", "board2"]
+    served = {b: DEEPSEEK in fleet.board(b).exec(["curl", "-sS", "http://127.0.0.1:8080/v1/models"]).stdout
+              for b in BOARDS}
+    assert served == {"board1": True, "board2": True, "board3": False}
