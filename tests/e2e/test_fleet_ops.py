@@ -540,3 +540,50 @@ def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fl
     served = {b: DEEPSEEK in fleet.board(b).exec(["curl", "-sS", "http://127.0.0.1:8080/v1/models"]).stdout
               for b in BOARDS}
     assert served == {"board1": True, "board2": True, "board3": False}
+
+
+RECAP_COUNTS = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def site_run(fleet: Fleet, *extra: str) -> subprocess.CompletedProcess[str]:
+    """site.yml as playbook() runs it, whatever its exit status."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
+         "site.yml", *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False)
+
+
+def recap(output: str) -> dict[str, tuple[int, int, int]]:
+    """(changed, unreachable, failed) per host."""
+    return {host: (int(changed), int(unreachable), int(failed))
+            for host, changed, unreachable, failed in RECAP_COUNTS.findall(output)}
+
+
+def test_an_unreachable_board_is_left_out_within_the_budget_and_stops_the_run_beyond_it(
+        fleet: Fleet) -> None:
+    host_vars = fleet.inventory_path.parent / "host_vars/board3.yml"
+    saved = host_vars.read_text()
+    pids = server_pids(fleet)
+    # Nothing listens on the discard port: board3's SSH is refused, its server keeps running.
+    host_vars.write_text(saved + "ansible_port: 9\n")
+    try:
+        beyond = site_run(fleet, "-e", "site_connect_timeout_seconds=5")
+        within = site_run(fleet, "-e", "site_connect_timeout_seconds=5",
+                          "-e", "site_unreachable_boards_max_percent=34")
+    finally:
+        host_vars.write_text(saved)
+    # The default budget (0 %): the run stops after the reachability check, before any preflight.
+    assert beyond.returncode != 0
+    assert "PLAY [Preflight every board before anything is changed]" not in beyond.stdout
+    assert recap(beyond.stdout) == {"board1": (0, 0, 0), "board2": (0, 0, 0), "board3": (0, 1, 0)}, \
+        beyond.stdout[-3000:]
+    # One board of three (33 %) within a 34 % budget: reported unreachable, the others are provisioned,
+    # smoke-tested and balanced; the run still exits non-zero.
+    assert within.returncode != 0
+    counts = recap(within.stdout)
+    assert counts["board3"] == (0, 1, 0), within.stdout[-3000:]
+    assert [counts[host][1:] for host in ("board1", "board2", "balancer1")] == [(0, 0)] * 3, counts
+    smoke = within.stdout.split("PLAY [Smoke test every board with a chat completion]", 1)[1]
+    smoke = smoke.split("PLAY [", 1)[0]
+    assert sorted(re.findall(r"^ok: \[(board\d)\]", smoke, re.M)) == ["board1", "board2"]
+    assert "PLAY [Smoke test the fleet endpoint with a chat completion through the balancer]" in within.stdout
+    assert server_pids(fleet) == pids, "nothing changed, so no server restarted"
