@@ -493,6 +493,7 @@ def retried_model_not_found(fleet: Fleet) -> int:
     return len(re.findall(r'us="(?:[^"]*, )?404(?:, [^"]*)?, 200"', log))
 
 
+@pytest.mark.timeout(2400)
 def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fleet: Fleet,
                                                                              tmp_path: Path) -> None:
     """Section 11 of DEPLOYMENT.md: catalog entry, enable on two boards, rolling_update.yml limited to
@@ -558,6 +559,7 @@ def recap(output: str) -> dict[str, tuple[int, int, int]]:
             for host, changed, unreachable, failed in RECAP_COUNTS.findall(output)}
 
 
+@pytest.mark.timeout(2400)
 def test_an_unreachable_board_is_left_out_within_the_budget_and_stops_the_run_beyond_it(
         fleet: Fleet) -> None:
     host_vars = fleet.inventory_path.parent / "host_vars/board3.yml"
@@ -587,3 +589,30 @@ def test_an_unreachable_board_is_left_out_within_the_budget_and_stops_the_run_be
     assert sorted(re.findall(r"^ok: \[(board\d)\]", smoke, re.M)) == ["board1", "board2"]
     assert "PLAY [Smoke test the fleet endpoint with a chat completion through the balancer]" in within.stdout
     assert server_pids(fleet) == pids, "nothing changed, so no server restarted"
+
+
+def served_models(fleet: Fleet, board: str) -> set[str]:
+    listed = fleet.board(board).exec(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/v1/models"])
+    return {model["id"] for model in json.loads(listed.stdout)["data"]} - {"auto"}
+
+
+@pytest.mark.timeout(2400)
+def test_model_set_rollback_under_load(fleet: Fleet, tmp_path: Path) -> None:
+    """After the model was added to board1 and board2: rollback.yml returns them to the set they
+    served before, drained, without failing a request of the model both sets serve."""
+    pair = ("board1", "board2")
+    assert [served_models(fleet, b) for b in pair] == [{QWEN, DEEPSEEK}] * 2
+    models = "/opt/rkllm/models"
+    links = ["readlink", f"{models}/current", f"{models}/previous"]
+    before = fleet.board("board1").exec(links).stdout.split()
+    with streaming_clients(fleet, tmp_path) as stop:
+        playbook(fleet, "ansible/rollback.yml", "-e", "rollback_component=models", "--limit", "board1:board2")
+        failed = stop()
+    assert failed == [], failed[:3]
+    assert [served_models(fleet, b) for b in pair] == [{QWEN}] * 2
+    assert fleet.board("board1").exec(links).stdout.split() == before[::-1]
+    config = fleet.board("board1").exec(["cat", "/etc/rkllm-server/config.toml"]).stdout
+    assert DEEPSEEK not in config and f"{models}/current/{QWEN}.rkllm" in config
+    # Both sets' files stay on the board for the next rollback.
+    stored = fleet.board("board1").exec(["find", f"{models}/files", "-name", "*.rkllm"]).stdout.split()
+    assert sorted(Path(line).name for line in stored) == sorted([f"{QWEN}.rkllm", f"{DEEPSEEK}.rkllm"])
