@@ -348,14 +348,15 @@ def failed_requests(records: list[dict[str, object]]) -> list[dict[str, object]]
 
 
 @contextmanager
-def continuous_client(fleet: Fleet, stop_file: Path,
-                      model: str = QWEN) -> Iterator[Callable[[], list[dict[str, object]]]]:
-    """Two streaming clients of `model` back to back through the balancer; the yielded function stops
-    them and returns every request's record (start and end time, status)."""
+def continuous_client(fleet: Fleet, stop_file: Path, model: str = QWEN,
+                      interval: float = 0.0) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """Two streaming clients of `model` back to back through the balancer, each starting a request at
+    most every `interval` seconds; the yielded function stops them and returns every request's record
+    (start and end time, status)."""
     load = subprocess.Popen(
         ["ip", "netns", "exec", fleet.client_netns, sys.executable, str(LOAD_SCRIPT),
          f"http://{fleet.balancer.address}", "continuous", "--concurrency", "2", "--max-tokens", "8",
-         "--model", model, "--seconds", "900", "--stop-file", str(stop_file)],
+         "--model", model, "--seconds", "900", "--stop-file", str(stop_file), "--interval", str(interval)],
         stdout=subprocess.PIPE, text=True)
 
     def stop() -> list[dict[str, object]]:
@@ -511,7 +512,9 @@ def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fl
         before = host_vars.read_text() if host_vars.exists() else ""
         host_vars.write_text(before + yaml.safe_dump({"rkllm_models_enabled": [QWEN, DEEPSEEK]}))
     retried_before = retried_model_not_found(fleet)
-    with (continuous_client(fleet, tmp_path / "stop-new", DEEPSEEK) as stop_new,
+    # Paced: until a board has the model its 404s come at once, and an unpaced client would exceed
+    # the balancer's per-client rate limit (30 requests/s), which the other client shares.
+    with (continuous_client(fleet, tmp_path / "stop-new", DEEPSEEK, interval=0.2) as stop_new,
           continuous_client(fleet, tmp_path / "stop-old") as stop_old):
         started = time.time()
         playbook(fleet, "ansible/rolling_update.yml", "--limit", "board1:board2:rkllm_balancers")
