@@ -9,7 +9,11 @@ webhook receiver on the controller. rkllm-bench (ansible/benchmark.yml) flags bo
 double decodes below 80 % of the catalog speed. Day-2 runs under a continuous streaming client:
 site.yml re-run with a changed server setting and a new server build restarts the boards one batch at
 a time and fails no request, and ansible/rollback.yml returns them to the old build; a canary board
-pinned to another runtime library with --limit, then the whole fleet, where nothing restarts."""
+pinned to another runtime library with --limit, then the whole fleet, where nothing restarts. A model
+added to two of three boards with rolling_update.yml answers through nginx from its first answer (a
+board without it answers 404, which nginx passes on), and rollback.yml returns the two boards to
+their previous model set under load. An unreachable board stops site.yml before any change, or is
+left out within site_unreachable_boards_max_percent."""
 
 from __future__ import annotations
 
