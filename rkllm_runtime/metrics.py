@@ -244,6 +244,14 @@ class Metrics:
         self.watchdog_pings = Counter(
             "rkllm_watchdog_pings", "WATCHDOG=1 notifications sent to systemd", registry=r
         )
+        # Read at scrape time: the drain switch is a file the operator's playbooks create and remove.
+        self.draining = Gauge(
+            "rkllm_draining",
+            "1 while the drain file exists (new requests refused with 503 draining), else 0",
+            registry=r,
+        )
+        drain_file = Path(config.drain_file) if config.drain_file else None
+        self.draining.set_function(lambda: float(drain_file is not None and drain_file.exists()))
         r.register(_NodeCollector(config))
         # The process metrics (process_start_time_seconds shows restarts) of the default registry,
         # which this app's own registry does not include by itself.

@@ -74,7 +74,7 @@ async def batch(base: str, model: str, count: int, max_tokens: int, stream: bool
 
 
 async def continuous(base: str, model: str, concurrency: int, seconds: float, max_tokens: int,
-                     stop_file: Path | None) -> dict[str, object]:
+                     stop_file: Path | None, interval: float = 0.0) -> dict[str, object]:
     deadline = time.monotonic() + seconds
     records: list[dict[str, object]] = []
 
@@ -86,7 +86,10 @@ async def continuous(base: str, model: str, concurrency: int, seconds: float, ma
         while running():
             n += 1
             body = chat_body(model, max_tokens, True, worker_id * 1_000_000 + n)
+            started = time.monotonic()
             records.append(await one_request(client, f"{base}/v1/chat/completions", body))
+            # A client that gets instant answers (404s) keeps its pace instead of flooding.
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
         await asyncio.gather(*[worker(client, i) for i in range(concurrency)])
@@ -179,6 +182,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--stop-file", type=Path)
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="continuous: least seconds from one request's start to its worker's next")
     args = parser.parse_args()
     if args.mode == "openai-stream":
         result = openai_stream(args.base, args.model)
@@ -194,7 +199,7 @@ def main() -> None:
         result = asyncio.run(batch(args.base, args.model, args.count, args.max_tokens, args.stream))
     else:
         result = asyncio.run(continuous(args.base, args.model, args.concurrency, args.seconds,
-                                        args.max_tokens, args.stop_file))
+                                        args.max_tokens, args.stop_file, args.interval))
     print(json.dumps(result))
 
 

@@ -9,7 +9,11 @@ webhook receiver on the controller. rkllm-bench (ansible/benchmark.yml) flags bo
 double decodes below 80 % of the catalog speed. Day-2 runs under a continuous streaming client:
 site.yml re-run with a changed server setting and a new server build restarts the boards one batch at
 a time and fails no request, and ansible/rollback.yml returns them to the old build; a canary board
-pinned to another runtime library with --limit, then the whole fleet, where nothing restarts."""
+pinned to another runtime library with --limit, then the whole fleet, where nothing restarts. A model
+added to two of three boards with rolling_update.yml answers through nginx from its first answer (a
+board without it answers 404, which nginx passes on), and rollback.yml returns the two boards to
+their previous model set under load. An unreachable board stops site.yml before any change, or is
+left out within site_unreachable_boards_max_percent."""
 
 from __future__ import annotations
 
@@ -343,25 +347,27 @@ def build_info(fleet: Fleet, board: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', labels.group(1)))
 
 
+def failed_requests(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [r for r in records if r.get("status") != 200 or not r.get("complete")]
+
+
 @contextmanager
-def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], list[dict[str, object]]]]:
-    """Two streaming clients back to back through the balancer; the yielded function stops them and
-    returns the failed requests (each asserted after the block, with the count printed)."""
-    stop_file = tmp_path / "stop-load"
+def continuous_client(fleet: Fleet, stop_file: Path, model: str = QWEN,
+                      interval: float = 0.0) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """Two streaming clients of `model` back to back through the balancer, each starting a request at
+    most every `interval` seconds; the yielded function stops them and returns every request's record
+    (start and end time, status)."""
     load = subprocess.Popen(
         ["ip", "netns", "exec", fleet.client_netns, sys.executable, str(LOAD_SCRIPT),
          f"http://{fleet.balancer.address}", "continuous", "--concurrency", "2", "--max-tokens", "8",
-         "--seconds", "900", "--stop-file", str(stop_file)],
+         "--model", model, "--seconds", "900", "--stop-file", str(stop_file), "--interval", str(interval)],
         stdout=subprocess.PIPE, text=True)
-    result: list[dict[str, object]] = []
 
     def stop() -> list[dict[str, object]]:
         stop_file.touch()
         out, _ = load.communicate(timeout=180)
-        result.extend(json.loads(out)["records"])
-        failed = [r for r in result if r.get("status") != 200 or not r.get("complete")]
-        print(f"continuous client: {len(result)} requests, {len(failed)} failed")
-        return failed
+        records: list[dict[str, object]] = json.loads(out)["records"]
+        return sorted(records, key=lambda r: float(str(r["start"])))
 
     try:
         yield stop
@@ -369,6 +375,20 @@ def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], lis
         if load.poll() is None:
             load.kill()
             load.wait()
+
+
+@contextmanager
+def streaming_clients(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """continuous_client of the fleet's main model; the yielded function returns the failed requests
+    (each asserted after the block, with the count printed)."""
+    with continuous_client(fleet, tmp_path / "stop-load") as stop_records:
+        def stop() -> list[dict[str, object]]:
+            records = stop_records()
+            failed = failed_requests(records)
+            print(f"continuous client: {len(records)} requests, {len(failed)} failed")
+            return failed
+
+        yield stop
 
 
 def restart_times(fleet: Fleet) -> dict[str, float]:
@@ -467,3 +487,146 @@ def test_canary_library_on_one_board_then_the_whole_fleet(fleet: Fleet) -> None:
     assert server_pids(fleet) == after_canary, "a run with nothing to change restarted a server"
     assert {b: build_info(fleet, b)["runtime"] for b in BOARDS} == {
         "board1": "1.2.3", "board2": CANARY_VERSION, "board3": "1.2.3"}
+
+
+DEEPSEEK = "DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def retried_model_not_found(fleet: Fleet) -> int:
+    """Requests the balancer logged as a board's 404 passed on to a board that answered 200."""
+    log = fleet.balancer.exec(["cat", "/var/log/nginx/access.log"]).stdout
+    return len(re.findall(r'us="(?:[^"]*, )?404(?:, [^"]*)?, 200"', log))
+
+
+@pytest.mark.timeout(2400)
+def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fleet: Fleet,
+                                                                             tmp_path: Path) -> None:
+    """Section 11 of DEPLOYMENT.md: catalog entry, enable on two boards, rolling_update.yml limited to
+    them and the balancers, under clients of the new model and of the old one."""
+    inventory = fleet.inventory_path.parent
+    group_vars = inventory / "group_vars/rkllm_boards.yml"
+    tree = yaml.safe_load(group_vars.read_text())
+    tree["rkllm_models_catalog"].append({
+        "name": DEEPSEEK, "url": "SET-ME", "sha256": "SET-ME", "size_mb": 1900, "memory_mb": 1660,
+        "toolkit_version": "1.2.3", "kind": "reasoning", "template": "deepseek-r1", "context_length": 4096,
+        "expected_tokens_per_second": 16.3})
+    group_vars.write_text(yaml.safe_dump(tree))
+    for board in ("board1", "board2"):
+        host_vars = inventory / f"host_vars/{board}.yml"
+        before = host_vars.read_text() if host_vars.exists() else ""
+        host_vars.write_text(before + yaml.safe_dump({"rkllm_models_enabled": [QWEN, DEEPSEEK]}))
+    retried_before = retried_model_not_found(fleet)
+    # Paced: until a board has the model its 404s come at once, and an unpaced client would exceed
+    # the balancer's per-client rate limit (30 requests/s), which the other client shares.
+    with (continuous_client(fleet, tmp_path / "stop-new", DEEPSEEK, interval=0.2) as stop_new,
+          continuous_client(fleet, tmp_path / "stop-old") as stop_old):
+        started = time.time()
+        playbook(fleet, "ansible/rolling_update.yml", "--limit", "board1:board2:rkllm_balancers")
+        finished = time.time()
+        new, old = stop_new(), stop_old()
+    answered = [r for r in new if r.get("status") == 200]
+    assert answered, new[-3:]
+    first = float(str(answered[0]["start"]))
+    after_first = [r for r in new if float(str(r["start"])) >= first]
+    not_found = [r for r in after_first if r.get("status") == 404]
+    retried = retried_model_not_found(fleet) - retried_before
+    print(f"{DEEPSEEK} added in {finished - started:.0f}s, first answer {first - started:.1f}s into the run; "
+          f"from then on {len(after_first)} requests, {len(not_found)} answered 404, "
+          f"{len(failed_requests(after_first))} failed; before it {len(new) - len(after_first)} "
+          f"(404: no board had it); {retried} answered after a board's 404; {QWEN}: {len(old)} requests, "
+          f"{len(failed_requests(old))} failed")
+    assert not_found == [], not_found[:3]
+    # While one board serves the model, its queue may be full: back-pressure (503 with Retry-After),
+    # never an error.
+    errors = [r for r in failed_requests(after_first) if r.get("status") != 503 or not r.get("retry_after")]
+    assert errors == [], errors[:3]
+    assert failed_requests(old) == [], failed_requests(old)[:3]
+    # The boards served the model before nginx's map knew it: a board without it answered 404 and
+    # nginx passed the request on.
+    assert retried > 0
+    # The map now sends the model to the two boards only.
+    config = fleet.balancer.exec(["cat", "/etc/nginx/nginx.conf"]).stdout
+    upstream = config.split(f"# model {DEEPSEEK.lower()}", 1)[1].split("}", 1)[0]
+    assert sorted(re.findall(r"# (board\d)", upstream)) == ["board1", "board2"]
+    served = {b: DEEPSEEK in fleet.board(b).exec(["curl", "-sS", "http://127.0.0.1:8080/v1/models"]).stdout
+              for b in BOARDS}
+    assert served == {"board1": True, "board2": True, "board3": False}
+
+
+RECAP_COUNTS = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def site_run(fleet: Fleet, *extra: str) -> subprocess.CompletedProcess[str]:
+    """site.yml as playbook() runs it, whatever its exit status."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(fleet.inventory_path.parent),
+         "site.yml", *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False)
+
+
+def recap(output: str) -> dict[str, tuple[int, int, int]]:
+    """(changed, unreachable, failed) per host."""
+    return {host: (int(changed), int(unreachable), int(failed))
+            for host, changed, unreachable, failed in RECAP_COUNTS.findall(output)}
+
+
+@pytest.mark.timeout(2400)
+def test_an_unreachable_board_is_left_out_within_the_budget_and_stops_the_run_beyond_it(
+        fleet: Fleet) -> None:
+    host_vars = fleet.inventory_path.parent / "host_vars/board3.yml"
+    saved = host_vars.read_text()
+    pids = server_pids(fleet)
+    # Nothing listens on the discard port: board3's SSH is refused, its server keeps running.
+    host_vars.write_text(saved + "ansible_port: 9\n")
+    try:
+        beyond = site_run(fleet, "-e", "site_connect_timeout_seconds=5")
+        within = site_run(fleet, "-e", "site_connect_timeout_seconds=5",
+                          "-e", "site_unreachable_boards_max_percent=34")
+    finally:
+        host_vars.write_text(saved)
+    # wait_for_connection reports the board as failed, naming its SSH error.
+    refused = re.compile(r'^fatal: \[board3\]: FAILED! => \{.*"msg": "timed out waiting for ping', re.M)
+    # The default budget (0 %): the run stops after the reachability check, before any preflight.
+    assert beyond.returncode != 0
+    assert refused.search(beyond.stdout) and "port 9: Connection refused" in beyond.stdout
+    assert "PLAY [Preflight every board before anything is changed]" not in beyond.stdout
+    assert recap(beyond.stdout) == {"board1": (0, 0, 0), "board2": (0, 0, 0), "board3": (0, 0, 1)}, \
+        beyond.stdout[-3000:]
+    # One board of three (33 %) within a 34 % budget: reported, the others are provisioned,
+    # smoke-tested and balanced; the run still exits non-zero.
+    assert within.returncode != 0
+    assert refused.search(within.stdout)
+    counts = recap(within.stdout)
+    assert counts["board3"] == (0, 0, 1), within.stdout[-3000:]
+    assert [counts[host][1:] for host in ("board1", "board2", "balancer1")] == [(0, 0)] * 3, counts
+    smoke = within.stdout.split("PLAY [Smoke test every board with a chat completion]", 1)[1]
+    smoke = smoke.split("PLAY [", 1)[0]
+    assert set(re.findall(r"^ok: \[(board\d)\]", smoke, re.M)) == {"board1", "board2"}
+    assert "PLAY [Smoke test the fleet endpoint with a chat completion through the balancer]" in within.stdout
+    assert server_pids(fleet) == pids, "nothing changed, so no server restarted"
+
+
+def served_models(fleet: Fleet, board: str) -> set[str]:
+    listed = fleet.board(board).exec(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/v1/models"])
+    return {model["id"] for model in json.loads(listed.stdout)["data"]} - {"auto"}
+
+
+@pytest.mark.timeout(2400)
+def test_model_set_rollback_under_load(fleet: Fleet, tmp_path: Path) -> None:
+    """After the model was added to board1 and board2: rollback.yml returns them to the set they
+    served before, drained, without failing a request of the model both sets serve."""
+    pair = ("board1", "board2")
+    assert [served_models(fleet, b) for b in pair] == [{QWEN, DEEPSEEK}] * 2
+    models = "/opt/rkllm/models"
+    links = ["readlink", f"{models}/current", f"{models}/previous"]
+    before = fleet.board("board1").exec(links).stdout.split()
+    with streaming_clients(fleet, tmp_path) as stop:
+        playbook(fleet, "ansible/rollback.yml", "-e", "rollback_component=models", "--limit", "board1:board2")
+        failed = stop()
+    assert failed == [], failed[:3]
+    assert [served_models(fleet, b) for b in pair] == [{QWEN}] * 2
+    assert fleet.board("board1").exec(links).stdout.split() == before[::-1]
+    config = fleet.board("board1").exec(["cat", "/etc/rkllm-server/config.toml"]).stdout
+    assert DEEPSEEK not in config and f"{models}/current/{QWEN}.rkllm" in config
+    # Both sets' files stay on the board for the next rollback.
+    stored = fleet.board("board1").exec(["find", f"{models}/files", "-name", "*.rkllm"]).stdout.split()
+    assert sorted(Path(line).name for line in stored) == sorted([f"{QWEN}.rkllm", f"{DEEPSEEK}.rkllm"])

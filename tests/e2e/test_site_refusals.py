@@ -144,7 +144,7 @@ def test_bad_model_checksum_leaves_the_installed_model_serving(site: SiteRunner,
     output = refused(site.run("-e", json.dumps({"rkllm_models_catalog_overrides": overrides})))
     mismatch = r"rkllm_models: Qwen2.5-1.5B-Instruct from \S+ failed: sha256 did not match " + wrong
     assert re.search(mismatch, output), output[-4000:]
-    model = "/opt/rkllm/models/Qwen2.5-1.5B-Instruct.rkllm"
+    model = "/opt/rkllm/models/current/Qwen2.5-1.5B-Instruct.rkllm"
     for board in GOOD_BOARDS:
         host = site.fleet.board(board)
         assert host.exec(["sha256sum", model]).stdout.split()[0] == good["sha256"]

@@ -115,7 +115,7 @@ def test_models_role_installs_the_converted_models(conversion: dict[str, Any], t
     })
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("Qwen2.5-3B-Instruct", "Phi-3-mini-4k-instruct"):
-        installed = (tmp_path / f"board/models/{name}.rkllm").read_bytes()
+        installed = (tmp_path / f"board/models/current/{name}.rkllm").read_bytes()
         assert installed == (conversion["output"] / f"{name}.rkllm").read_bytes()
 
 

@@ -87,3 +87,18 @@ def test_metrics_parse_with_every_series_typed(start_server, make_model):
     suffixes = ("", "_total", "_bucket", "_count", "_sum")
     untyped = {n for n in names if not any(n.removesuffix(s) in families for s in suffixes)}
     assert untyped == set()
+
+
+def test_draining_gauge_follows_the_drain_file(start_server, make_model, tmp_path):
+    drain_file = tmp_path / "drain"
+    server = start_server([model_entry(make_model, QWEN)], drain_file=str(drain_file))
+    with server.http() as http:
+        serving = samples(http.get("/metrics").text)[("rkllm_draining", frozenset())]
+        drain_file.touch()
+        draining = samples(http.get("/metrics").text)[("rkllm_draining", frozenset())]
+        refused = http.post("/v1/chat/completions", json={"model": QWEN, "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        drain_file.unlink()
+        resumed = samples(http.get("/metrics").text)[("rkllm_draining", frozenset())]
+    assert (serving, draining, resumed) == (0, 1, 0)
+    assert refused.status_code == 503
