@@ -72,7 +72,8 @@ class Turn:
 
 @dataclass
 class CellResult:
-    turns: list[list[Turn]] = field(default_factory=list)  # per conversation
+    turns: list[list[Turn]] = field(default_factory=list)  # per conversation, in the order they ended
+    numbers: list[int] = field(default_factory=list)  # the conversation number of each entry of turns
     refused: int = 0
     errors: int = 0
     one_shots: int = 0  # one-turn requests of the background load answered
@@ -143,6 +144,7 @@ async def conversation(client: httpx.AsyncClient, url: str, model: str, cell: st
     except (httpx.HTTPError, RuntimeError):
         result.errors += 1
     result.turns.append(turns)
+    result.numbers.append(number)
 
 
 async def one_shot_user(client: httpx.AsyncClient, url: str, model: str, cell: str, number: int,
@@ -285,6 +287,8 @@ async def against(base: str, model: str, conversations: int, turns: int, one_sho
     print(json.dumps({"turns_completed": [len(turns) for turns in result.turns], "errors": result.errors,
                       "refused": result.refused, "from_cache_all": share_all, "from_cache_later": share_later,
                       "missed": misses(result.turns), "one_shots": result.one_shots,
+                      "missed_by_conversation": {str(number): misses([turns]) for number, turns in
+                                                 zip(result.numbers, result.turns, strict=True)},
                       "ttft": [[t.ttft for t in turns] for turns in result.turns]}))
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -392,12 +393,29 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
     assert chats["errors"] == 0 and chats["turns_completed"] == [6] * len(BOARDS)
     assert failures(records) == [] and records
     # Each conversation kept on the board that answered its first turn (least_conn places them; the
-    # bench staggers their starts, so two may share a board, which holds two KV slots).
+    # bench staggers their starts, so two may share a board).
     assert all(len(set(turns)) == 1 for turns in boards.values()), boards
-    # Turns 2-6 prefill only the new message although one-turn requests keep taking KV slots: measured
-    # 86 % (the ideal for this shape is ~87 %); a turn 2 that lost its first turn's cache costs about
-    # 5 points. With kv_slot_keep_seconds = 0 (least recently used) this test measured 29 % and failed.
-    assert chats["from_cache_later"] >= 0.75
+    # A conversation on a board with a KV slot to spare besides it prefills only its new message on
+    # every turn from its third on, although one-turn requests keep taking slots there (with
+    # kv_slot_keep_seconds = 0, least recently used, they evicted it: 29 % from cache, 9 turns missed).
+    # Its turn 2 may miss: until a conversation comes back, it looks like a one-turn request.
+    # Where placement put more conversations on a board than its slots minus one, one-turn requests
+    # must evict one of them: the slot count, not the policy, decides there.
+    missed = chats["missed_by_conversation"]
+    chats_on = Counter(turns[0] for turns in boards.values())
+    roomy = [c for c, turns in boards.items() if chats_on[turns[0]] < kv_slots(fleet, turns[0])]
+    print(f"later turns missed by conversation: {missed}; with a slot to spare: {roomy}")
+    assert roomy, f"no conversation had a slot to spare on its board: {boards}"
+    assert all(missed[c] <= 1 for c in roomy), missed
+
+
+def kv_slots(fleet: Fleet, address: str, model: str = QWEN) -> int:
+    """The KV slots the board at address (host:port) holds for model, from its slot-state series."""
+    board = next(b for b in BOARDS if fleet.board(b).address == address.split(":")[0])
+    series = re.findall(rf'rkllm_kv_slot_state\{{model="{re.escape(model)}",slot="(\d+)"',
+                        board_metrics(fleet, board))
+    assert series, f"{board} reports no KV slot of {model}"
+    return len(set(series))
 
 
 def nginx_workers(fleet: Fleet) -> set[str]:

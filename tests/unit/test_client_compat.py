@@ -23,8 +23,10 @@ import httpx
 import pytest
 from compat.cells import FEATURES
 from compat.drive import CLIENTS
-from conftest import REPO_ROOT, write_model
+from fake_models import write_model
 from server_harness import QWEN, serve, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 BUSY = "Busy-Model"
 EMBEDDER = "Qwen3-Embedding-0.6B"
