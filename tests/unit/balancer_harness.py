@@ -122,16 +122,19 @@ def local_host() -> dict[str, str]:
 
 
 def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[str, object], *,
-                   role: str, tasks_from: str, hosts: str, playbook_args: Sequence[str] = ()) -> str:
+                   role: str, tasks_from: str, hosts: str, playbook_args: Sequence[str] = (),
+                   launcher: Sequence[str] = ()) -> str:
     """Run one tasks file of a repo role with ansible-playbook, as the roles run in production;
-    returns what ansible-playbook printed."""
+    returns what ansible-playbook printed. launcher prefixes the command (e.g. a throwaway network
+    namespace for a role whose handlers change this machine's network)."""
     (workdir / "inventory.json").write_text(json.dumps(inventory))
     (workdir / "vars.json").write_text(json.dumps(variables))
     (workdir / "play.yml").write_text(_ROLE_PLAY.format(role=role, tasks_from=tasks_from, hosts=hosts))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
     result = subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"), "-e", f"@{workdir / 'vars.json'}",
+        [*launcher, str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"),
+         "-e", f"@{workdir / 'vars.json'}",
          *playbook_args, str(workdir / "play.yml")],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=180, check=False,
     )

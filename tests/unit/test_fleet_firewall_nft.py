@@ -52,7 +52,10 @@ def render_tables(out: Path) -> dict[str, Path]:
         "fleet_firewall_serving_extra_sources": ["10.77.3.0/24"],
         "fleet_firewall_ssh_port": SSH_PORT,
     }
-    run_role_tasks(out, inventory, variables, role="fleet_firewall", tasks_from="render", hosts="all")
+    # The render notifies the role's handler, which applies the table with `nft -f` on the (local)
+    # host: a throwaway network namespace takes it instead of this machine's own.
+    run_role_tasks(out, inventory, variables, role="fleet_firewall", tasks_from="render", hosts="all",
+                   launcher=("unshare", "--net"))
     return {name: out / f"{name}.nft" for name in ("board", "lb", "lb2", "mon4")}
 
 
