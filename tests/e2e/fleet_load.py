@@ -97,7 +97,9 @@ async def continuous(base: str, model: str, concurrency: int, seconds: float, ma
 
 
 # Generous for one request, short enough that a request stuck on a vanished balancer ends the test.
-SDK_TIMEOUT_S = 30.0
+# Longer than the balancer's Ollama wait (30 s) plus a generation: a request nginx lets in on its last
+# try is answered after the bound, and the official ollama client has no timeout of its own.
+SDK_TIMEOUT_S = 60.0
 
 
 def openai_chat(base: str, model: str, max_tokens: int) -> Callable[[int], None]:

@@ -39,6 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from server_harness import wait_until
 
 FLEET = {
     "b1": [BoardModel("alpha"), BoardModel("beta"), BoardModel("delta")],
@@ -276,13 +277,15 @@ def test_auto_and_unknown_models_go_to_the_whole_fleet(lb: str, boards: dict[str
     assert unknown.status_code == 404  # the boards' own answer, in the API's shape
     assert "error" in unknown.json()
     # A model no board has is asked of each board once (any of them might have just gained it).
-    [(tried, statuses)] = upstreams_since(balancer, offset)
+    # nginx writes the access log line after the answer has gone out.
+    [(tried, statuses)] = wait_until(lambda: upstreams_since(balancer, offset), 10)
     assert sorted(port_of(boards, ua) for ua in tried.split(", ")) == ["b1", "b2", "b3"]
     assert statuses == "404, 404, 404"
     offset = log_size(balancer)
     # Round robin among equally idle boards; the 404 tries above moved its position, so six requests.
     for _ in range(6):
         assert httpx.get(f"{lb}/v1/models", timeout=30).status_code == 200
+    wait_until(lambda: len(upstreams_since(balancer, offset)) == 6, 10)
     used = [port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)]
     assert set(used) == {"b1", "b2", "b3"}, used
 
