@@ -91,7 +91,11 @@ async def continuous(base: str, model: str, concurrency: int, seconds: float, ma
             # A client that gets instant answers (404s) keeps its pace instead of flooding.
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
+    # A paced client opens a connection per request: between two of its requests nginx may reload (a
+    # model change renders a new map), and a reload closes idle keep-alive connections, so a request
+    # sent on one at that instant fails before reaching nginx (the SDKs retry exactly that).
+    limits = httpx.Limits(max_keepalive_connections=0) if interval > 0 else httpx.Limits()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
         await asyncio.gather(*[worker(client, i) for i in range(concurrency)])
     return {"records": records}
 
