@@ -519,7 +519,8 @@ def test_a_model_added_to_two_of_three_boards_is_served_from_its_first_answer(fl
     # Paced: until a board has the model its 404s come at once, and an unpaced client would exceed
     # the balancer's per-client rate limit (30 requests/s), which the other client shares.
     with (continuous_client(fleet, tmp_path / "stop-new", DEEPSEEK, interval=0.2) as stop_new,
-          continuous_client(fleet, tmp_path / "stop-old") as stop_old):
+          # Paced too, so it opens a connection per request: the play reloads nginx for the new map.
+          continuous_client(fleet, tmp_path / "stop-old", interval=0.25) as stop_old):
         started = time.time()
         playbook(fleet, "ansible/rolling_update.yml", "--limit", "board1:board2:rkllm_balancers")
         finished = time.time()
