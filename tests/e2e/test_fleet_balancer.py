@@ -541,10 +541,10 @@ def written_off(fleet: Fleet, board: str, log_length: int) -> bool:
 
 
 def wait_connect_error(fleet: Fleet, board: str, log_length: int, fault_at: float) -> float:
-    """Seconds from the fault until nginx logged a failed connection to the board (the error log in the
-    failure if it never did). nginx need not write the board off (max_fails) afterwards: requests stuck
-    on the board keep its least_conn count high, and a conversation's home upstream (one server) counts
-    no failures."""
+    """Seconds from the fault until nginx logged that it could not reach the board (the error log in the
+    failure if it never did): a new connection's connect timeout, or the TCP keepalive probes of a
+    request in flight there, whichever comes first. nginx need not write the board off (max_fails)
+    afterwards: a conversation's home upstream (one server) counts no failures."""
     try:
         wait_until(lambda: bool(connect_errors(fleet, board, log_length)), f"nginx fails to reach {board}",
                    60)
@@ -554,10 +554,13 @@ def wait_connect_error(fleet: Fleet, board: str, log_length: int, fault_at: floa
 
 
 def connect_errors(fleet: Fleet, board: str, log_length: int) -> list[str]:
-    """nginx's errors connecting to the board since the log had `log_length` lines, by cause."""
-    return [re.sub(r"^.*?\] \d+#\d+: \*\d+ ", "", line).split(" while connecting")[0]
+    """nginx's errors reaching the board since the log had `log_length` lines, by cause: failed
+    connections, and connections the kernel ended (keepalive probes unanswered, no route)."""
+    return [re.sub(r"^.*?\] \d+#\d+: \*\d+ ", "", line).split(" while ")[0]
             for line in error_log_since(fleet, log_length)
-            if "while connecting to upstream" in line and upstream(fleet, board) in line]
+            if upstream(fleet, board) in line
+            and ("while connecting to upstream" in line or "(110: Connection timed out)" in line
+                 or "(113: No route to host)" in line)]
 
 
 def others_generate(fleet: Fleet, board: str, tokens: float) -> Callable[[], bool]:

@@ -85,6 +85,7 @@ def balancer_inventory(workdir: Path, boards: Sequence[Board], variants: dict[st
         hosts[variant] = {
             **local_host(),
             "nginx_lb_manage_service": False,
+            "nginx_lb_manage_sysctl": False,
             "nginx_lb_conf_path": str(prefix / "nginx.conf"),
             "nginx_lb_js_dir": str(prefix / "js"),
             "nginx_lb_state_dir": str(prefix / "state"),
