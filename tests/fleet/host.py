@@ -205,7 +205,10 @@ class Host:
         with log_path.open("ab") as console:
             loop = ["/bin/sh", "-c", OWN_CGROUP + REBOOT_LOOP, "fleet-sim-reboot-loop",
                     *map(str, self.cgroup_dirs), "--"]
-            self._nspawn = subprocess.Popen([*loop, *args],
+            # /proc/sys/net writable, as on a real host: the network namespace is the host's own, and the
+            # balancer role sets its TCP keepalive timing there (nspawn mounts all of /proc/sys read-only).
+            environment = {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
+            self._nspawn = subprocess.Popen([*loop, *args], env=environment,
                                             stdin=subprocess.DEVNULL, stdout=console,
                                             stderr=console, start_new_session=True)
 
