@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -382,3 +384,43 @@ def test_read_timeout_covers_a_whole_answer_or_follows_the_boards_watchdog_bound
     assert defaults_only == {f"{server_default + 5}s"}
     assert from_board == {"215s"}
     assert fixed == {"600s"}
+
+
+@pytest.fixture
+def throwaway_netns() -> Iterator[str]:
+    """A network namespace of its own: the role's sysctls apply there, never to this machine's."""
+    name = f"rkllm-unit-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_tcp_keepalive_timing_applies_once_to_the_balancers_kernel(tmp_path: Path,
+                                                                  throwaway_netns: str) -> None:
+    sysctl_file = tmp_path / "sysctl.conf"
+    board = Board(name="b1", port=18211, models=["alpha"])
+    inventory, _ = balancer_inventory(tmp_path, [board], {"lb": {
+        "nginx_lb_manage_sysctl": True, "nginx_lb_sysctl_path": str(sysctl_file),
+        "nginx_lb_tcp_keepalive_time_seconds": 12}})
+    in_netns = ("ip", "netns", "exec", throwaway_netns)
+
+    def in_force() -> list[str]:
+        shown = subprocess.run([*in_netns, "sysctl", "-n", "net.ipv4.tcp_keepalive_time",
+                                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"],
+                               capture_output=True, text=True, check=True)
+        return shown.stdout.split()
+
+    def run() -> str:
+        return run_role_tasks(tmp_path, inventory, {}, role="nginx_lb", tasks_from="configure",
+                              hosts="rkllm_balancers", launcher=in_netns)
+
+    first = run()
+    assert in_force() == ["12", "3", "3"], first
+    assert "net.ipv4.tcp_keepalive_time = 12" in sysctl_file.read_text()
+    assert re.search(r"changed=0\b", run())
+    # The kernel's values are what the role converges, not the file: a boot that skipped systemd-sysctl.
+    subprocess.run([*in_netns, "sysctl", "-q", "-w", "net.ipv4.tcp_keepalive_time=7200"], check=True)
+    assert not re.search(r"changed=0\b", run())
+    assert in_force()[0] == "12"
