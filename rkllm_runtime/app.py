@@ -80,9 +80,7 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     async def ready() -> JSONResponse:
         """Every pinned (and every loaded) model's handles answer without a conversation's cache being
         touched (Scheduler.probe); failures re-init."""
-        names = {m.name for m in config.models if m.pinned} | {
-            m.config.name for m in scheduler.registry.loaded()
-        }
+        names = {m.name for m in config.models if m.pinned} | {m.name for m in scheduler.loaded_models()}
         problems = {name: await scheduler.probe(name) for name in sorted(names)}
         failed = {name: problem for name, problem in problems.items() if problem}
         body = {

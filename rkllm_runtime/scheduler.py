@@ -304,6 +304,22 @@ class Scheduler:
     def is_busy(self, model: str) -> bool:
         return self._queues[model].busy
 
+    def loaded_models(self) -> list[ModelConfig]:
+        """The models whose handles are in NPU memory, least recently used first."""
+        return [loaded.config for loaded in self.registry.loaded()]
+
+    async def load(self, ticket: Ticket, model_name: str) -> None:
+        """Load the model's handles in the ticket's turn (Ollama's empty prompt)."""
+        if not ticket.granted:
+            raise RuntimeError("load outside the model's turn")
+        await self.registry.ensure(model_name)
+
+    async def unload(self, ticket: Ticket, model_name: str) -> None:
+        """Free the model's handles in the ticket's turn (Ollama's keep_alive 0), so no run is cut off."""
+        if not ticket.granted:
+            raise RuntimeError("unload outside the model's turn")
+        await self.registry.unload(model_name)
+
     async def generate(
         self, ticket: Ticket, model_name: str, job: Job
     ) -> AsyncGenerator[Started | TokenEvent | FinishEvent, None]:

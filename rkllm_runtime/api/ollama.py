@@ -222,15 +222,15 @@ def _auto_entry() -> dict[str, Any]:
 async def ps(request: Request) -> dict[str, Any]:
     scheduler = scheduler_of(request)
     entries = []
-    for loaded in scheduler.registry.loaded():
-        entry = _model_entry(loaded.config)
+    for loaded in scheduler.loaded_models():
+        entry = _model_entry(loaded)
         # Each KV slot is a handle holding its own copy of the weights in NPU memory.
-        memory = footprint_mb(loaded.config) << 20
+        memory = footprint_mb(loaded) << 20
         entry.update(
             expires_at="9999-12-31T23:59:59Z",
             size=memory,
             size_vram=memory,
-            context_length=loaded.config.context_length,
+            context_length=loaded.context_length,
         )
         entries.append(entry)
     return {"models": entries}
@@ -336,9 +336,9 @@ async def _load_or_unload(
     try:
         await until_disconnect(request, ticket.wait())
         if unload:
-            await scheduler.registry.unload(model.name)
+            await scheduler.unload(ticket, model.name)
         else:
-            await scheduler.registry.ensure(model.name)
+            await scheduler.load(ticket, model.name)
     finally:
         ticket.release()
     body: dict[str, Any] = {
