@@ -71,14 +71,16 @@ def test_affinity_splits_each_balancers_share_between_home_and_shared_upstreams(
     assert splits == [5, 4], "a board's two upstreams together take exactly this balancer's share"
 
 
-@pytest.fixture(scope="module")
-def lb(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) -> Iterator[str]:
-    """One board, one request at a time (max_conns 1), Ollama requests waiting up to WAIT_SECONDS."""
+@pytest.fixture(scope="module", params=[True, False], ids=["model-routing", "no-model-routing"])
+def lb(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+       double_library_path: Path) -> Iterator[str]:
+    """One board, one request at a time (max_conns 1), Ollama requests waiting up to WAIT_SECONDS; with
+    and without the model router (whose locations the waits otherwise retry)."""
     fleet = {"b1": [BoardModel("alpha", tokens_per_second=TOKENS_PER_SECOND, reply_tokens=2000)]}
     with running_boards(tmp_path_factory.mktemp("boards"), double_library_path, fleet) as boards:
         balancer = render_balancer(tmp_path_factory.mktemp("lb"), list(boards.values()),
                                    nginx_lb_upstream_max_conns=1, nginx_lb_ollama_wait_seconds=WAIT_SECONDS,
-                                   nginx_lb_conversation_affinity=False)
+                                   nginx_lb_conversation_affinity=False, nginx_lb_model_routing=request.param)
         with running_nginx(balancer) as base:
             yield base
 
