@@ -461,7 +461,7 @@ def canary_library(fleet: Fleet) -> tuple[str, str]:
 
 def fetched(output: str) -> list[tuple[str, str]]:
     """(result, item) of each runtime file the controller fetched in a run."""
-    task = "TASK [rkllm_lib : Download and verify the runtime files]"
+    task = "TASK [controller_fetch : Download and verify the files of rkllm_lib]"
     section = output.split(task, 1)[1].split("TASK [", 1)[0]
     return sorted(re.findall(r"^(\w+): \[\S+ -> localhost\] => \(item=([^)]+)\)", section, re.M))
 
