@@ -123,11 +123,12 @@ class Metrics:
         self.running = Gauge("rkllm_requests_running", "Generations running", ["model"], registry=r)
         self.waiting = Gauge("rkllm_requests_waiting", "Requests queued for a handle", ["model"], registry=r)
         # One counter for every request that got no answer, so the error-ratio alert needs one series:
-        # queue_full and model_unavailable are refused before any work (503), run_error failed in the
-        # runtime during generation, internal is a server bug (500).
+        # queue_full, draining, runtime_hung and model_unavailable are refused before any work (503),
+        # run_error failed in the runtime during generation, internal is a server bug (500).
         self.rejected = Counter(
             "rkllm_requests_rejected",
-            "Requests refused or failed, by reason (queue_full, model_unavailable, run_error, internal)",
+            "Requests refused or failed, by reason (queue_full, draining, runtime_hung, model_unavailable, "
+            "run_error, internal)",
             ["model", "reason"],
             registry=r,
         )

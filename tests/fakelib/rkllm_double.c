@@ -1,6 +1,6 @@
 /*
  * Test double of librkllmrt 1.2.3. It exports the same 15 C entry points, reads a small text
- * "model" file (format in INTERFACES.md / models/README.md) and imitates the runtime's observable
+ * "model" file (format in README.md, "Model files") and imitates the runtime's observable
  * behaviour: blocking runs with one callback per token at a configured rate, WAITING for split
  * UTF-8, FINISH with perf, pause by callback return 1, abort from another thread, keep_history and
  * KV accounting, NPU memory domains, and loud reports of API misuse that the real library would
