@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Runs every board role's Molecule scenario (each boots its own simulated board, so they run in
+# Runs every role's Molecule scenario (each boots its own simulated fleet, so they run in
 # parallel) and prints the time each took. Needs root and `make double`. Usage: tests/molecule/test-all.sh [role...]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH"
 roles=("$@")
-[ ${#roles[@]} -gt 0 ] || roles=(rknpu_driver rkllm_lib rkllm_models rkllm_server)
+[ ${#roles[@]} -gt 0 ] || roles=(rknpu_driver rkllm_lib rkllm_models rkllm_server nginx_lb fleet_firewall)
 logs=$(mktemp -d)
 declare -A pids started
 for role in "${roles[@]}"; do
