@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from fake_models import write_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support import REPO_ROOT
+
 FAKELIB_DIR = REPO_ROOT / "tests" / "fakelib"
 DOUBLE_BUILD_DIR = REPO_ROOT / "build"
 

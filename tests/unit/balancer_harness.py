@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT, free_port
+
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 _ROLE_PLAY = """\
@@ -53,12 +53,6 @@ class RenderedBalancer:
     port: int
     js: Path
     status_port: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str, dict[str, object]]
@@ -131,7 +125,7 @@ def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[
     (workdir / "inventory.json").write_text(json.dumps(inventory))
     (workdir / "vars.json").write_text(json.dumps(variables))
     (workdir / "play.yml").write_text(_ROLE_PLAY.format(role=role, tasks_from=tasks_from, hosts=hosts))
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
     result = subprocess.run(
         [*launcher, str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"),

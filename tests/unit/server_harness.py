@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,20 +18,10 @@ from rkllm_runtime.app import create_app
 from rkllm_runtime.cli import uvicorn_config
 from rkllm_runtime.config import parse_config
 from rkllm_runtime.scheduler import Scheduler
+from tests.support import wait_until
 
 QWEN = "Qwen2.5-1.5B-Instruct"
 R1 = "DeepSeek-R1-Distill-Qwen-1.5B"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @dataclass
@@ -42,12 +31,6 @@ class RunningServer:
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager
@@ -72,7 +55,7 @@ def serve(
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: server.started or not thread.is_alive())
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn started (or its thread ended)")
         assert server.started, "server failed to start"
         yield RunningServer(f"http://127.0.0.1:{port}", app.state.scheduler)
     finally:

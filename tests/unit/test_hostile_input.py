@@ -17,7 +17,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server, wait_until
+from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server
 
 from rkllm_runtime.api import body as request_body
 from rkllm_runtime.cli import (
@@ -28,6 +28,7 @@ from rkllm_runtime.cli import (
     HeadTimeoutProtocol,
     uvicorn_config,
 )
+from tests.support import wait_until
 
 __all__ = ["start_server"]
 
@@ -255,7 +256,8 @@ def test_a_client_leaving_mid_body_is_no_error(loaded_server, double_log, caplog
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n" + b'{"model": "' + b"x" * 1000
         )
-    wait_until(lambda: any("client disconnected" in r.getMessage() for r in caplog.records))
+    wait_until(lambda: any("client disconnected" in r.getMessage() for r in caplog.records),
+               "the disconnect logged")
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert_unharmed(loaded_server, double_log)
 
@@ -268,16 +270,16 @@ def test_clients_leaving_a_stream_or_a_whole_answer_are_no_errors(
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=50, reply_tokens=400)])
     with server.http() as http, http.stream("POST", CHAT[api], json=chat_body(api, stream=True)) as stream:
         next(stream.iter_lines())
-    wait_until(lambda: log_lines(double_log, "FINISH"))
+    wait_until(lambda: log_lines(double_log, "FINISH"), "the double finishes a run")
     # The whole-answer client leaves once its run has started (a fixed client timeout could expire
     # while the request still waits for the loaded machine, and then nothing runs).
     whole = connect(server)
     payload = json.dumps(chat_body(api, stream=False)).encode()
     whole.sendall(f"POST {CHAT[api]} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2)
+    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2, "the double starts a run")
     whole.close()
-    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2)
+    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2, "the double finishes a run")
     assert all(
         "reason=abort" in line or "reason=callback" in line for line in log_lines(double_log, "FINISH")
     )
@@ -370,7 +372,7 @@ def test_connections_over_the_cap_are_refused_and_the_rest_served(start_server, 
         for conn in held:
             conn.close()
     with server.http() as http:
-        wait_until(lambda: http.get("/health").status_code == 200)
+        wait_until(lambda: http.get("/health").status_code == 200, "/health answers 200")
 
 
 def test_the_server_exits_with_uvicorns_startup_failure_status_when_it_cannot_bind(

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from balancer_harness import ANSIBLE_PLAYBOOK, REPO, local_host
+from balancer_harness import ANSIBLE_PLAYBOOK, local_host
 from server_harness import QWEN, log_lines, model_entry, start_server
 from test_server_ops import samples
 from test_server_templates import render_server_config
@@ -25,6 +25,7 @@ from test_server_templates import render_server_config
 from rkllm_runtime.config import load_config, parse_config
 from rkllm_runtime.registry import KvSlot, LoadedModel
 from rkllm_runtime.slot_policy import choose_slot, continues
+from tests.support import REPO_ROOT
 
 __all__ = ["start_server"]
 
@@ -432,7 +433,7 @@ def choose_slots(workdir: Path, mem_total_kb: int, **role_vars: Any) -> dict[str
     (workdir / "inventory.json").write_text(json.dumps({"all": {"hosts": {"board1": host}}}))
     (workdir / "vars.json").write_text(json.dumps(role_vars))
     (workdir / "play.yml").write_text(CHOICE_PLAY)
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
     done = subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", "inventory.json", "-e", "@vars.json", "play.yml"],
         cwd=workdir,

@@ -21,13 +21,13 @@ from balancer_harness import (
     BoardModel,
     RenderedBalancer,
     access_log,
-    free_port,
     reload_nginx,
     render_balancers,
     running_boards,
     running_nginx,
 )
-from server_harness import wait_until
+
+from tests.support import free_port, wait_until
 
 # 200 tok/s: a 400-token stream holds a board for 2 s. Queues let a board take every conversation.
 MODEL = BoardModel("alpha", tokens_per_second=200, reply_tokens=400, queue_size=8)
@@ -87,7 +87,8 @@ def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], of
         found = re.findall(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"', access_log(balancer)[offset:])
         return found if len(found) >= count else []
 
-    return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in wait_until(logged)]
+    tried_by_uri = wait_until(logged, "nginx logged the requests")
+    return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in tried_by_uri]
 
 
 def answering_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int) -> list[str]:
@@ -272,7 +273,8 @@ def reload_and_wait(balancer: RenderedBalancer, conf: Path) -> None:
     """Reload nginx with `conf` and return once every worker of the old configuration has exited."""
     old = workers(balancer)
     reload_nginx(balancer, conf)
-    wait_until(lambda: not old & workers(balancer), timeout=15, interval=0.05)
+    wait_until(lambda: not old & workers(balancer),
+               "the old nginx workers gone", deadline_s=15, interval=0.05)
 
 
 def test_a_board_drained_in_the_inventory_hands_its_conversations_over_once(

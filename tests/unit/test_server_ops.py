@@ -9,7 +9,9 @@ import sys
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import QWEN, R1, free_port, log_lines, model_entry, start_server, wait_until
+from server_harness import QWEN, R1, log_lines, model_entry, start_server
+
+from tests.support import free_port, wait_until
 
 __all__ = ["start_server"]
 
@@ -248,7 +250,7 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> None:
         except httpx.TransportError:
             return False
 
-    wait_until(healthy, timeout=20, interval=0.05)
+    wait_until(healthy, "the server healthy", deadline_s=20, interval=0.05)
 
 
 def test_the_cli_starts_with_only_flags_and_the_double(double_library_path, make_model, double_log):
