@@ -6,6 +6,7 @@ the role renders, never a hand-written copy.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.support import REPO_ROOT, free_port
 
@@ -256,3 +261,18 @@ def running_boards(workdir: Path, library: Path, boards: dict[str, Sequence[Boar
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A localhost certificate and its key (cert.pem, key.pem in directory), for the TLS variants."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

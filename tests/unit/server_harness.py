@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 (random free port) over the real binding and the C double."""
+"""A real uvicorn server on 127.0.0.1 (random free port) over the real binding and the C double, and
+the server config as the rkllm_server role renders it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from balancer_harness import local_host, run_role_tasks
 
 from rkllm_runtime.app import create_app
 from rkllm_runtime.cli import uvicorn_config
 from rkllm_runtime.config import parse_config
 from rkllm_runtime.scheduler import Scheduler
-from tests.support import wait_until
+from tests.support import REPO_ROOT, wait_until
 
 QWEN = "Qwen2.5-1.5B-Instruct"
 R1 = "DeepSeek-R1-Distill-Qwen-1.5B"
@@ -95,3 +97,25 @@ def start_server(double_library_path: Path, double_log: Path) -> Iterator[Callab
 
     with stack:
         yield start
+
+
+def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_vars: Any) -> Path:
+    """Run the rkllm_server role's config tasks (template + the server's --check) on this machine."""
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    venv = home / "current"
+    if not venv.exists():
+        venv.symlink_to(REPO_ROOT / ".venv")  # the role checks with <home>/current/bin/rkllm-server
+    config = workdir / "config.toml"
+    host_vars = {
+        **local_host(),
+        "rkllm_server_home": str(home),
+        "rkllm_server_config_path": str(config),
+        "rkllm_server_template_dir": str(workdir / "templates"),
+        "rkllm_server_group": "root",
+        "rkllm_server_models": models,
+        **role_vars,
+    }
+    inventory = {"all": {"hosts": {"board1": host_vars}}}
+    run_role_tasks(workdir, inventory, {}, role="rkllm_server", tasks_from="config", hosts="all")
+    return config

@@ -24,8 +24,8 @@ import httpx
 import ollama
 import openai
 import pytest
+from api_fuzzing import fuzz_route
 from server_harness import QWEN, log_lines, model_entry, start_server
-from test_fuzz_api import fuzz_route
 
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.embedding import to_json_array

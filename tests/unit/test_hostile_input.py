@@ -17,6 +17,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from server_client import CHAT, assert_error_shape, chat_body
 from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server
 
 from rkllm_runtime.api import body as request_body
@@ -31,16 +32,6 @@ from rkllm_runtime.cli import (
 from tests.support import wait_until
 
 __all__ = ["start_server"]
-
-CHAT = {"openai": "/v1/chat/completions", "ollama": "/api/chat"}
-
-
-def chat_body(api: str, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": QWEN, "messages": [{"role": "user", "content": "hi"}], **fields}
-    if api == "ollama":
-        body.setdefault("stream", False)
-    return body
-
 
 @pytest.fixture
 def loaded_server(start_server, make_model, double_log) -> RunningServer:
@@ -66,19 +57,6 @@ def assert_unharmed(server: RunningServer, double_log) -> None:
         assert http.get("/health").status_code == 200
         after = http.post(CHAT["openai"], json=chat_body("openai", max_tokens=2))
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
-
-
-def assert_error_shape(api: str, response: httpx.Response, status: int, fragment: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    if api == "openai":
-        assert set(error) == {"message", "type", "param", "code"}
-        assert error["type"] == "invalid_request_error"
-        message = error["message"]
-    else:
-        assert isinstance(error, str)
-        message = error
-    assert fragment in message, message
 
 
 def post_raw(server: RunningServer, path: str, raw: bytes) -> httpx.Response:

@@ -7,7 +7,6 @@ queue_size 0, so a board running one generation of a model answers 503 "queue fu
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import os
@@ -34,11 +33,8 @@ from balancer_harness import (
     run_role_tasks,
     running_boards,
     running_nginx,
+    self_signed_certificate,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.support import REPO_ROOT, free_port, wait_until
 
@@ -58,20 +54,6 @@ def boards(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) 
 # As long as `openssl rand -hex 32` makes them: long keys need a larger map hash bucket.
 API_KEY = "sk-" + "0123456789abcdef" * 4
 HTTPS_PORT = free_port()
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from balancer_harness import (
     run_role_tasks,
     running_boards,
     running_nginx,
+    self_signed_certificate,
 )
-from test_nginx_lb_render import self_signed_certificate
 
 from tests.support import free_port
 

@@ -7,8 +7,8 @@ import time
 
 import httpx
 import yaml
+from server_client import chat, samples
 from server_harness import QWEN, model_entry, start_server
-from test_server_ops import chat, samples
 
 from tests.support import REPO_ROOT
 

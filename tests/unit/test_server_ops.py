@@ -8,27 +8,12 @@ import sys
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from server_client import chat, samples
 from server_harness import QWEN, R1, log_lines, model_entry, start_server
 
 from tests.support import free_port, wait_until
 
 __all__ = ["start_server"]
-
-
-def chat(http: httpx.Client, model: str = QWEN, text: str = "hi", **extra) -> httpx.Response:
-    return http.post(
-        "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": text}], **extra},
-    )
-
-
-def samples(metrics_text: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(metrics_text)
-        for s in family.samples
-    }
 
 
 def test_ready_exercises_the_runtime_of_pinned_models(start_server, make_model, double_log):

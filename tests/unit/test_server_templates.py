@@ -13,9 +13,8 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from balancer_harness import local_host, run_role_tasks
-from server_harness import serve
-from test_engine import expected_reply
+from double_replies import expected_reply
+from server_harness import render_server_config, serve
 
 from rkllm_runtime.chat import Message
 from rkllm_runtime.chat_templates import builtin_templates
@@ -94,28 +93,6 @@ def test_the_check_flag_validates_without_loading_a_library(tmp_path):
     assert refused.returncode == 2 and "unknown template 'phi-3'" in refused.stderr, refused.stderr
     assert "chatml, deepseek-r1, phi3" in refused.stderr, "the error names the templates there are"
     assert "Traceback" not in refused.stderr
-
-
-def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_vars: Any) -> Path:
-    """Run the rkllm_server role's config tasks (template + the server's --check) on this machine."""
-    home = workdir / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    venv = home / "current"
-    if not venv.exists():
-        venv.symlink_to(REPO_ROOT / ".venv")  # the role checks with <home>/current/bin/rkllm-server
-    config = workdir / "config.toml"
-    host_vars = {
-        **local_host(),
-        "rkllm_server_home": str(home),
-        "rkllm_server_config_path": str(config),
-        "rkllm_server_template_dir": str(workdir / "templates"),
-        "rkllm_server_group": "root",
-        "rkllm_server_models": models,
-        **role_vars,
-    }
-    inventory = {"all": {"hosts": {"board1": host_vars}}}
-    run_role_tasks(workdir, inventory, {}, role="rkllm_server", tasks_from="config", hosts="all")
-    return config
 
 
 def installed_entry(name: str, path: Path, catalog: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from server_client import Conversation, cached, metric
 from server_harness import QWEN, log_lines, model_entry, start_server
-from test_kv_slots import Conversation, cached, metric
 
 from rkllm_runtime.config import WatchdogConfig, parse_config
 from rkllm_runtime.watchdog import SystemdNotifier
@@ -28,7 +28,6 @@ from tests.support import free_port, wait_until
 
 __all__ = ["start_server"]
 
-MODEL = frozenset({("model", QWEN)})
 HANG = "HANG"  # the double hangs only on prompts containing this (hang_trigger)
 SHORT_WATCHDOG = {"prefill_tokens_per_second": 2000.0, "slack_seconds": 0.25, "abort_grace_seconds": 5.0}
 
