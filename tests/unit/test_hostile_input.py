@@ -248,16 +248,16 @@ def test_clients_leaving_a_stream_or_a_whole_answer_are_no_errors(
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=50, reply_tokens=400)])
     with server.http() as http, http.stream("POST", CHAT[api], json=chat_body(api, stream=True)) as stream:
         next(stream.iter_lines())
-    wait_until(lambda: log_lines(double_log, "FINISH"), "the double finishes a run")
+    wait_until(lambda: log_lines(double_log, "FINISH"), "the left stream's run finishes")
     # The whole-answer client leaves once its run has started (a fixed client timeout could expire
     # while the request still waits for the loaded machine, and then nothing runs).
     whole = connect(server)
     payload = json.dumps(chat_body(api, stream=False)).encode()
     whole.sendall(f"POST {CHAT[api]} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2, "the double starts a run")
+    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2, "the whole-answer request's run starts")
     whole.close()
-    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2, "the double finishes a run")
+    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2, "both runs finish")
     assert all(
         "reason=abort" in line or "reason=callback" in line for line in log_lines(double_log, "FINISH")
     )

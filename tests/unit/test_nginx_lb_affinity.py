@@ -26,6 +26,7 @@ from balancer_harness import (
     running_boards,
     running_nginx,
 )
+from server_client import cached
 
 from tests.support import free_port, wait_until
 
@@ -71,10 +72,6 @@ class Conversation:
         answer: dict[str, object] = response.json()
         self.messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
         return answer
-
-
-def cached(answer: dict[str, object]) -> int:
-    return int(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
 def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int, count: int = 1
