@@ -1,4 +1,4 @@
-"""Shared fixtures: repo paths, the C test double (built once per session), fake models, its log."""
+"""Shared fixtures: the C test double (built once per session) and its paths, fake models, its log."""
 
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ from tests.support import REPO_ROOT
 
 FAKELIB_DIR = REPO_ROOT / "tests" / "fakelib"
 DOUBLE_BUILD_DIR = REPO_ROOT / "build"
-
-
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")
