@@ -37,8 +37,8 @@ demo: venv double
 	$(PY) -m tests.fleet.demo --arch $(ARCH) --boards $(BOARDS)
 
 bench: venv double
-	$(PY) bench/bench_binding.py 2>/dev/null
-	$(PY) bench/bench_server.py
+	$(PY) -m bench.bench_binding 2>/dev/null
+	$(PY) -m bench.bench_server
 	$(PY) -m bench.bench_embeddings
 	$(PY) -m bench.bench_balancer
 	$(PY) -m bench.bench_conversations

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import REPO_ROOT
 from tests.unit.balancer_harness import (
     Board,
     BoardModel,
@@ -36,7 +37,6 @@ from tests.unit.balancer_harness import (
     running_nginx,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENS_PER_SECOND = 16.0
 TOKENS_PER_REQUEST = 32  # 2 s of decoding per request at 16 tok/s
 PACED = BoardModel("paced", tokens_per_second=TOKENS_PER_SECOND, reply_tokens=4096, queue_size=8)

@@ -1,6 +1,6 @@
 """Binding overhead: tokens/s from the runtime callback to an asyncio consumer, double flat out.
 
-Usage: python bench/bench_binding.py [--tokens 20000] [--runs 3] [--library build/host/librkllmrt.so]
+Usage: python -m bench.bench_binding [--tokens 20000] [--runs 3] [--library build/host/librkllmrt.so]
 Prints a Markdown table. The double decodes with no delay (RKLLM_DOUBLE_TPS=0), so the numbers are
 the cost of ctypes callback + UTF-8 decoding + thread-to-loop hand-off + async iteration per token.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rkllm_runtime.engine import Engine, FinishEvent, GenerationRequest, ModelParams
 from rkllm_runtime.library import load_library
+from tests.support import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = """format = rkllm-double/1
 name = bench-flat
 toolkit_version = 1.2.3

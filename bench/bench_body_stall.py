@@ -20,7 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_server import MODEL, REPO_ROOT, server, write_model
+from bench.bench_server import MODEL, server, write_model
+from tests.support import REPO_ROOT
 
 RATE = 50  # tokens per second of the concurrent stream
 

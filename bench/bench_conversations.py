@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_balancer import TMPFS
+from tests.support import REPO_ROOT
 from tests.unit.balancer_harness import (
     BoardModel,
     access_log,
@@ -47,7 +48,6 @@ from tests.unit.balancer_harness import (
     running_nginx,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TURNS = 8
 REPLY_TOKENS = 6
 SYSTEM_CHARS = 800  # ~200 tokens at the double's 4 bytes per token

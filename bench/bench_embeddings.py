@@ -24,10 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_server import MODEL, REPO_ROOT, percentile, server, write_model
+from bench.bench_server import MODEL, percentile, server, write_model
 from rkllm_runtime.embedding import embedding_vector
 from rkllm_runtime.engine import Engine, ModelParams
 from rkllm_runtime.library import load_library
+from tests.support import REPO_ROOT
 
 BATCH = 32
 CLIENTS = 4

@@ -1,6 +1,6 @@
 """Server benchmarks over the C double: prints a Markdown table.
 
-Usage: python bench/bench_server.py [--library build/host/librkllmrt.so] [--tokens 10000] [--quick]
+Usage: python -m bench.bench_server [--library build/host/librkllmrt.so] [--tokens 10000] [--quick]
 
 Each server runs as its own process (`python -m rkllm_runtime --config ...`), as on a board; the
 client is this process (httpx), which shares the machine's cores with it.
@@ -38,8 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rkllm_runtime.engine import Engine, GenerationRequest, ModelParams, TokenEvent
 from rkllm_runtime.library import load_library
+from tests.support import REPO_ROOT, free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
 VOCAB = "Hello|,| world| é| 世界| 🙂| NPU| fleet| token| board| rock| chip"
 
@@ -62,14 +62,6 @@ def write_model(directory: Path, name: str, **fields: object) -> Path:
     path = directory / f"{name}.rkllm"
     path.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Shared fixtures: repo paths, the C test double (built once per session), fake models, its log."""
+"""Shared fixtures: the C test double (built once per session) and its paths, fake models, its log."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 from fake_models import write_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support import REPO_ROOT
+
 FAKELIB_DIR = REPO_ROOT / "tests" / "fakelib"
 DOUBLE_BUILD_DIR = REPO_ROOT / "build"
-
-
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fleet.sim import Fleet
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
 
 
 def playbook(fleet: Fleet, path: str, *extra: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

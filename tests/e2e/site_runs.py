@@ -20,7 +20,8 @@ from pathlib import Path
 
 from fleet.sim import Fleet
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
 RECAP_LINE = re.compile(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 # The shared fleet's hardware: what each module's docstring describes.
 SHARED_BOARDS = ("board1", "board2", "board3", "board4")

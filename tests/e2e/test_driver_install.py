@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e.site_runs import REPO_ROOT, SHARED_BOARDS, SharedSiteFleet, SiteRun, SiteRunner
-from e2e.waiting import wait_until
 from fleet.kernels import KERNEL_RELEASE_PATH
+
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
@@ -189,7 +190,8 @@ def test_kernel_still_too_old_after_reboot_is_refused_and_board_keeps_serving(
     board = site.fleet.board(OLD)
     assert board.exec(["test", "-f", f"/boot/vmlinuz-{IMAGE_KERNEL}"], check=False).returncode == 0
     # Not broken: the server runs on the kernel that booted (still drained: only a resume ends a drain).
-    wait_until(lambda: ready_state(site, OLD) in ("ready", "draining"), f"{OLD}'s server answers /ready")
+    wait_until(lambda: ready_state(site, OLD) in ("ready", "draining"),
+               f"{OLD}'s server answers /ready", deadline_s=120, interval=0.2)
     resume = [str(Path(sys.executable).parent / "ansible"), "-i", str(site.fleet.inventory_path.parent), OLD,
               "-b", "-m", "ansible.builtin.include_role", "-a", "name=rkllm_server tasks_from=resume"]
     resumed = subprocess.run(resume, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -220,7 +222,8 @@ def test_upgrade_under_load_drains_reboots_and_returns_only_the_old_board(
         run = timed("0.9.8 kernel under load", site.run(*install_vars(site, "0.9.8"), limit=EVERY_HOST))
         if run.returncode == 0:
             # Its metrics restarted at zero with the reboot: tokens there mean nginx sends it requests again.
-            wait_until(lambda: generated_tokens(site, OLD) > 0, f"{OLD} serves through the balancer again")
+            wait_until(lambda: generated_tokens(site, OLD) > 0,
+                       f"{OLD} serves through the balancer again", deadline_s=120, interval=0.2)
     finally:
         stop_file.touch()
         out, _ = load.communicate(timeout=180)

@@ -29,7 +29,6 @@ from fleet.sim import Fleet
 # Emulated arm64 runs Ansible at seconds per task: the cold run alone takes minutes.
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(3600)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
 BOARDS = ("board1", "board2")
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)

@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 from e2e.playbooks import playbook
-from e2e.waiting import wait_until
 from fleet.faults import power_off, set_link
 from fleet.host import Host
 from fleet.sim import Fleet
+
+from tests.support import REPO_ROOT, wait_until
 
 # Provisioning (site.yml) happens in the first test's setup and the rolling update re-runs the board
 # roles: both exceed the suite's default per-test timeout.
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOAD_SCRIPT = Path(__file__).with_name("fleet_load.py")
 QWEN, DEEPSEEK = "Qwen2.5-1.5B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"
 BOARDS = ("board1", "board2", "board3")
@@ -243,7 +243,7 @@ def test_firewall_sweeps_find_only_the_allowed_ports(fleet: Fleet, second_firewa
     board2.exec(["systemd-run", "--unit", "rkllm-sweep-udp-echo", "python3", "-c", echo])
     try:
         wait_until(lambda: f":{UNLISTED_UDP_PORT} " in board2.exec(["ss", "-Hlun"]).stdout,
-                   "UDP echo listener on board2")
+                   "UDP echo listener on board2", deadline_s=120, interval=0.2)
         udp = sweep(fleet.client_netns, "udp", addresses)
         print("UDP from the client (open, refused, silent):", summary(udp))
         assert all(r["open"] == [] and r["refused"] == [] for r in udp.values()), udp
@@ -300,7 +300,8 @@ def test_requests_for_a_model_land_only_on_boards_hosting_it(fleet: Fleet) -> No
     assert failures(records) == []
     assert completed_on_board1() - completed_before == 4
     # nginx writes a request's line just after its last byte: wait for all four.
-    wait_until(lambda: len(chat_requests_logged_since(fleet, log_length)) >= 4, "4 requests logged by nginx")
+    wait_until(lambda: len(chat_requests_logged_since(fleet, log_length)) >= 4,
+               "4 requests logged by nginx", deadline_s=120, interval=0.2)
     logged = chat_requests_logged_since(fleet, log_length)
     # Every upstream nginx tried for each request (retries included) was board1: board2 and board3,
     # which do not host the model, never received one.
@@ -310,15 +311,16 @@ def test_requests_for_a_model_land_only_on_boards_hosting_it(fleet: Fleet) -> No
 
 def test_kill_9_of_a_server_under_load_fails_no_later_request(fleet: Fleet, background_load) -> None:
     stop = background_load(concurrency=3)
-    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2")
+    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2", deadline_s=120, interval=0.2)
     restarts_before = restarts(fleet, "board2")
     killed_at = time.time()
     fleet.board("board2").exec(["kill", "-9", server_unit(fleet, "board2", "MainPID")])
-    wait_until(lambda: restarts(fleet, "board2") > restarts_before, "systemd restarts board2's server")
-    wait_until(lambda: is_ready(fleet, "board2"), "board2 ready again")
+    wait_until(lambda: restarts(fleet, "board2") > restarts_before,
+               "systemd restarts board2's server", deadline_s=120, interval=0.2)
+    wait_until(lambda: is_ready(fleet, "board2"), "board2 ready again", deadline_s=120, interval=0.2)
     restarted_at = time.time()
     # The restarted server starts its metrics at zero: tokens there mean nginx routes to it again.
-    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again")
+    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again", deadline_s=120, interval=0.2)
     records = stop()
     later = [r for r in records if float(r["start"]) > killed_at]
     print(f"kill -9: {len(records)} requests, {len(later)} after the kill, "
@@ -328,7 +330,7 @@ def test_kill_9_of_a_server_under_load_fails_no_later_request(fleet: Fleet, back
 
 def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) -> None:
     stop = background_load(concurrency=3)
-    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3", deadline_s=120, interval=0.2)
     stopped_at = time.time()
     fleet.stop("board3")
     try:
@@ -336,15 +338,16 @@ def test_stopped_board_under_load_then_rejoins(fleet: Fleet, background_load) ->
         served_by_others = sum(generated(fleet, boards=others).values())
         # Service goes on: the other boards keep generating while board3 is down (~10 requests' worth).
         wait_until(lambda: sum(generated(fleet, boards=others).values()) > served_by_others + 80,
-                   "the rest of the fleet serves while board3 is down")
+                   "the rest of the fleet serves while board3 is down", deadline_s=120, interval=0.2)
     finally:
         # Started again even when the check failed: the later tests need all three boards.
         fleet.start("board3")
-    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
+    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot", deadline_s=120, interval=0.2)
     # The firewall unit reloaded the table at boot.
     assert "table inet rkllm_fleet" in fleet.board("board3").exec(["nft", "list", "tables"]).stdout
     # board3 rebooted (its metrics restarted at zero): it serves again once nginx retries it.
-    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0, "board3 rejoins")
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0,
+               "board3 rejoins", deadline_s=120, interval=0.2)
     records = stop()
     later = [r for r in records if float(r["start"]) > stopped_at]
     print(f"board stop: {len(later)} requests after the stop, {len(failures(later))} failed")
@@ -373,7 +376,8 @@ def test_conversations_keep_their_cache_while_another_client_loads_the_fleet(fle
          "--boards", str(len(BOARDS)), "--conversations", "1", "--turns", "6"],
         stdout=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: len(answered()) == len(BOARDS), "every conversation has its first answer")
+        wait_until(lambda: len(answered()) == len(BOARDS),
+                   "every conversation has its first answer", deadline_s=120, interval=0.2)
         # Other users ask the same model one-turn questions meanwhile, one per board on average: each
         # takes a KV slot where it lands. The slot policy keeps a conversation's slot from its second
         # turn on and lets them recycle the other one.
@@ -546,8 +550,8 @@ def wait_connect_error(fleet: Fleet, board: str, log_length: int, fault_at: floa
     request in flight there, whichever comes first. nginx need not write the board off (max_fails)
     afterwards: a conversation's home upstream (one server) counts no failures."""
     try:
-        wait_until(lambda: bool(connect_errors(fleet, board, log_length)), f"nginx fails to reach {board}",
-                   60)
+        wait_until(lambda: bool(connect_errors(fleet, board, log_length)),
+                   f"nginx fails to reach {board}", deadline_s=60, interval=0.2)
     except AssertionError as missing:
         raise AssertionError("\n".join([str(missing), *error_log_since(fleet, log_length)[-30:]])) from None
     return time.time() - fault_at
@@ -588,7 +592,7 @@ def test_board_cut_off_under_load_fails_no_request_sent_after_nginx_notices(flee
     board = fleet.board("board3")
     bound = connect_detection_bound(fleet)
     stop = background_load(concurrency=8)
-    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3", deadline_s=120, interval=0.2)
     log_length = error_log_length(fleet)
     cut_at = time.time()
     set_link(board, up=False)
@@ -597,7 +601,7 @@ def test_board_cut_off_under_load_fails_no_request_sent_after_nginx_notices(flee
         # The cut lasts past the bound, while the rest of the fleet serves ~10 requests more.
         served_more = others_generate(fleet, "board3", 80)
         wait_until(lambda: time.time() > cut_at + bound + 5 and served_more(),
-                   "the fleet serves without board3")
+                   "the fleet serves without board3", deadline_s=120, interval=0.2)
         causes = connect_errors(fleet, "board3", log_length)
     finally:
         set_link(board, up=True)
@@ -606,7 +610,8 @@ def test_board_cut_off_under_load_fails_no_request_sent_after_nginx_notices(flee
     # Connections timed out (or found no route): a cut-off board never refuses them.
     assert causes and not any("refused" in cause for cause in causes), causes
     served_before = generated(fleet, boards=("board3",))["board3"]
-    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > served_before, "board3 serves again")
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > served_before,
+               "board3 serves again", deadline_s=120, interval=0.2)
     after = report_fault("board cut off", stop(), cut_at, bound, detected)
     assert after and failures(after) == [], failures(after)[:3]
 
@@ -616,13 +621,13 @@ def test_frozen_server_is_restarted_by_the_watchdog_and_no_later_request_fails(f
     board = fleet.board("board2")
     bound = watchdog_bound(fleet, "board2")
     stop = background_load(concurrency=4)
-    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2")
+    wait_until(lambda: running(fleet, "board2") > 0, "load reaches board2", deadline_s=120, interval=0.2)
     frozen = server_unit(fleet, "board2", "MainPID")
     frozen_at = time.time()
     board.exec(["kill", "-STOP", frozen])
     try:
         wait_until(lambda: server_unit(fleet, "board2", "MainPID") != frozen,
-                   "systemd ends the frozen server", bound + 30)
+                   "systemd ends the frozen server", deadline_s=bound + 30, interval=0.2)
         detected = time.time() - frozen_at
     finally:
         # Only matters when the watchdog failed to end it: the later tests need a running server.
@@ -630,11 +635,13 @@ def test_frozen_server_is_restarted_by_the_watchdog_and_no_later_request_fails(f
     journal = board.exec(["journalctl", "--no-pager", "-u", "rkllm-server",
                           "--since", f"@{int(frozen_at)}"]).stdout
     assert "Watchdog timeout" in journal, journal[-3000:]
-    wait_until(lambda: is_ready(fleet, "board2"), "board2's restarted server is ready")
+    wait_until(lambda: is_ready(fleet, "board2"),
+               "board2's restarted server is ready", deadline_s=120, interval=0.2)
     # The restarted server starts its metrics at zero; the load goes on past the bound.
-    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again")
+    wait_until(lambda: generated(fleet)["board2"] > 0, "board2 serves again", deadline_s=120, interval=0.2)
     served_more = others_generate(fleet, "board2", 80)
-    wait_until(lambda: time.time() > frozen_at + bound + 5 and served_more(), "load past the bound")
+    wait_until(lambda: time.time() > frozen_at + bound + 5 and served_more(),
+               "load past the bound", deadline_s=120, interval=0.2)
     after = report_fault("server frozen (SIGSTOP)", stop(), frozen_at, bound, detected)
     assert after and failures(after) == [], failures(after)[:3]
 
@@ -643,7 +650,7 @@ def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, backg
     board = fleet.board("board3")
     bound = connect_detection_bound(fleet)
     stop = background_load(concurrency=8)
-    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3")
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3", deadline_s=120, interval=0.2)
     log_length = error_log_length(fleet)
     off_at = time.time()
     power_off(board)
@@ -651,7 +658,7 @@ def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, backg
         detected = wait_connect_error(fleet, "board3", log_length, off_at)
         served_more = others_generate(fleet, "board3", 80)
         wait_until(lambda: time.time() > off_at + bound + 5 and served_more(),
-                   "the fleet serves without board3")
+                   "the fleet serves without board3", deadline_s=120, interval=0.2)
         # While the board is gone: once it boots again, a refusal is its normal answer until it listens.
         causes = connect_errors(fleet, "board3", log_length)
     finally:
@@ -660,9 +667,10 @@ def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, backg
     print(f"nginx's errors reaching the powered-off board3: {sorted(set(causes))}, written off "
           f"(max_fails): {written_off(fleet, 'board3', log_length)}")
     assert causes and not any("refused" in cause for cause in causes), causes
-    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot")
+    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot", deadline_s=120, interval=0.2)
     assert "table inet rkllm_fleet" in board.exec(["nft", "list", "tables"]).stdout
-    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0, "board3 rejoins")
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0,
+               "board3 rejoins", deadline_s=120, interval=0.2)
     after = report_fault("board powered off", stop(), off_at, bound, detected)
     assert after and failures(after) == [], failures(after)[:3]
 
@@ -688,7 +696,8 @@ def ready_state(fleet: Fleet, board: str) -> str:
 def assert_drained(fleet: Fleet, board: str, after: str) -> None:
     """/ready says draining, and a batch through nginx runs nothing on the board: nginx's attempts
     there are refused with a 503 "draining" and retried on the other boards."""
-    wait_until(lambda: ready_state(fleet, board) not in ("", "not ready"), f"{board}'s server answers /ready")
+    wait_until(lambda: ready_state(fleet, board) not in ("", "not ready"),
+               f"{board}'s server answers /ready", deadline_s=120, interval=0.2)
     assert ready_state(fleet, board) == "draining", after
 
     def counts() -> tuple[float, float]:
@@ -706,7 +715,7 @@ def assert_drained(fleet: Fleet, board: str, after: str) -> None:
         records.extend(client_load(fleet, "batch", "--count", "9", "--max-tokens", "4")["records"])
         return counts()[1] > refused_before
 
-    wait_until(board_refused_one, f"nginx tries {board} ({after})", 60, interval=1)
+    wait_until(board_refused_one, f"nginx tries {board} ({after})", deadline_s=60, interval=1)
     served, refused = counts()
     print(f"drained {board} {after}: /ready draining, {len(failures(records))} of {len(records)} requests "
           f"failed, {served - served_before:g} ran on {board}, {refused - refused_before:g} refused there")

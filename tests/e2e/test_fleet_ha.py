@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 from e2e.playbooks import REPO_ROOT, playbook
-from e2e.waiting import wait_until
 from fleet.faults import power_off, set_link
 from fleet.sim import Fleet
+
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
@@ -132,7 +133,8 @@ def in_flight_at(records: Records, moments: list[float]) -> Records:
 
 def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable[..., Background]) -> None:
     # Which balancer is master depends on which keepalived came up first (nopreempt keeps it there).
-    wait_until(lambda: holder(fleet) is not None, "a balancer holds the virtual address")
+    wait_until(lambda: holder(fleet) is not None,
+               "a balancer holds the virtual address", deadline_s=120, interval=0.2)
     first = holder(fleet)
     assert first is not None
     second = next(b for b in BALANCERS if b != first)
@@ -146,26 +148,30 @@ def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable
     def settle(label: str) -> None:
         """The boards generate again after an event (about 10 requests' worth) before the next one."""
         before = generated(fleet)
-        wait_until(lambda: generated(fleet) > before + 80, f"the fleet serves the loads after {label}")
+        wait_until(lambda: generated(fleet) > before + 80,
+                   f"the fleet serves the loads after {label}", deadline_s=120, interval=0.2)
 
     # (a) The master loses power: keepalived on the other balancer takes the address.
     events[f"power off {first}"] = time.time()
     power_off(fleet.board(first))
-    wait_until(lambda: holder(fleet) == second, f"{second} takes the virtual address")
+    wait_until(lambda: holder(fleet) == second,
+               f"{second} takes the virtual address", deadline_s=120, interval=0.2)
     settle("power off")
 
     # (b) The old master comes back: nopreempt leaves the address where it is, on a healthy master.
     events[f"{first} back"] = time.time()
     set_link(fleet.board(first), up=True)
     fleet.start(first)
-    wait_until(lambda: vrrp_state(fleet, first) == "BACKUP", f"{first} back as a healthy VRRP backup")
+    wait_until(lambda: vrrp_state(fleet, first) == "BACKUP",
+               f"{first} back as a healthy VRRP backup", deadline_s=120, interval=0.2)
     assert holder(fleet) == second
     settle("restart")
 
     # (c) nginx dies on the master: the check fails and the address moves back.
     events[f"nginx stopped on {second}"] = time.time()
     fleet.board(second).exec(["systemctl", "stop", "nginx"])
-    wait_until(lambda: holder(fleet) == first, f"{first} takes over from {second}'s dead nginx")
+    wait_until(lambda: holder(fleet) == first,
+               f"{first} takes over from {second}'s dead nginx", deadline_s=120, interval=0.2)
     settle("nginx stop")
     ended = time.time()
 

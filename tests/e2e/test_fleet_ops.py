@@ -49,11 +49,11 @@ from unit.monitoring_harness import (
     board_health,
     prometheus_api,
 )
-from unit.server_harness import free_port, wait_until
+
+from tests.support import REPO_ROOT, free_port, wait_until
 
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 QWEN, PHI = "Qwen2.5-1.5B-Instruct", "Phi-3-mini-3.8B"
 CATALOG = "\n".join([
     "rkllm_models_catalog:",
@@ -167,7 +167,8 @@ def ssh_tunnel(host: Host, remote: str) -> Iterator[str]:
 def prometheus(fleet: Fleet, monitoring_runs: MonitoringRuns) -> Iterator[str]:
     """The Prometheus the role runs on the monitor host (listening on its loopback)."""
     with ssh_tunnel(fleet.balancer, "127.0.0.1:9090") as url:
-        wait_until(lambda: prometheus_api(url, "status/buildinfo") is not None, timeout=30, interval=0.5)
+        wait_until(lambda: prometheus_api(url, "status/buildinfo") is not None,
+                   "Prometheus answers its API", deadline_s=30, interval=0.5)
         yield url
 
 
@@ -222,7 +223,8 @@ def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prome
     expected = {("prometheus", ""): "up", ("nginx", "balancer1"): "up",
                 **{("rkllm", b.name): "up" for b in fleet.boards},
                 **{("node", host): "up" for host in HOSTS}}
-    wait_until(lambda: target_health(prometheus) == expected, timeout=60, interval=0.5)
+    wait_until(lambda: target_health(prometheus) == expected,
+               "every scrape target healthy", deadline_s=60, interval=0.5)
     # The nginx exporter reads the balancer's stub_status (nginx_up is 0 when it cannot).
     assert sample(prometheus, "nginx_up") == {"balancer1": 1.0}
     assert sample(prometheus, "nginx_connections_accepted")["balancer1"] >= 1
@@ -231,21 +233,24 @@ def test_prometheus_on_the_monitor_host_scrapes_every_target(fleet: Fleet, prome
 def test_board_down_alert_fires_and_clears_on_the_fleet(fleet: Fleet, prometheus: str,
                                                         webhook: AlertWebhook) -> None:
     all_up = {"board1": "up", "board2": "up", "board3": "up"}
-    wait_until(lambda: board_health(prometheus) == all_up, timeout=60, interval=0.5)
+    wait_until(lambda: board_health(prometheus) == all_up,
+               "every board up in Prometheus", deadline_s=60, interval=0.5)
     assert board_down_alerts(prometheus) == {}
     assert not webhook.notified("RkllmBoardDown", "board2", "firing")
     fleet.board("board2").exec(["systemctl", "stop", "rkllm-server"])
     try:
-        wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"}, timeout=60, interval=0.5)
+        wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"},
+                   "RkllmBoardDown firing for board2", deadline_s=60, interval=0.5)
         # Prometheus -> Alertmanager on the monitor host -> the webhook on the controller.
         wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"),
-                   timeout=60, interval=0.5)
+                   "the webhook notified of board2 firing", deadline_s=60, interval=0.5)
     finally:
         fleet.board("board2").exec(["systemctl", "start", "rkllm-server"])
-    wait_until(lambda: board_down_alerts(prometheus) == {}, timeout=90, interval=0.5)
+    wait_until(lambda: board_down_alerts(prometheus) == {},
+               "no RkllmBoardDown alert", deadline_s=90, interval=0.5)
     assert board_health(prometheus) == all_up
     wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"),
-               timeout=60, interval=0.5)
+               "the webhook notified of board2 resolved", deadline_s=60, interval=0.5)
     assert not any(webhook.notified("RkllmBoardDown", board, "firing")
                    for board in ("board1", "board3"))
 
@@ -275,7 +280,7 @@ def test_every_dashboard_panel_shows_data_on_the_fleet(fleet: Fleet, prometheus:
     for title, expression in panel_queries():
         try:
             wait_until(lambda expression=expression: finite_values(prometheus, expression) != [],
-                       timeout=30, interval=0.5)
+                       f"finite values of {expression}", deadline_s=30, interval=0.5)
         except AssertionError:
             empty.append(f"{title}: {expression}")
     assert empty == []
@@ -292,14 +297,15 @@ def test_root_only_npu_files_reach_prometheus_through_the_collector_timer(fleet:
     assert board1.exec(["systemctl", "is-active", "rknpu-textfile-collector.timer"]).stdout == "active\n"
     every_board = {b.name: 1.0 for b in fleet.boards}
     wait_until(lambda: sample(prometheus, 'rknpu_collector_file_readable{file="load"}') == every_board,
-               timeout=60, interval=0.5)
+               "every board's collector reads the NPU load", deadline_s=60, interval=0.5)
     assert sample(prometheus, "rknpu_driver_version_code") == {b.name: 908.0 for b in fleet.boards}
     assert sample(prometheus, "rknpu_frequency_hz") == {b.name: 1e9 for b in fleet.boards}
     # The timer keeps the file current: a new load on board1 reaches Prometheus.
     board1.exec(["sh", "-c", f"echo 'NPU load:  Core0:  0%, Core1: 37%, Core2:  0%,' > {DEBUGFS}/load"])
     try:
         core1 = 'rknpu_load_percent{board="board1",core="1"}'
-        wait_until(lambda: sample(prometheus, core1) == {"board1": 37.0}, timeout=60, interval=0.5)
+        wait_until(lambda: sample(prometheus, core1) == {"board1": 37.0},
+                   "board1's core 1 load at 37 %", deadline_s=60, interval=0.5)
     finally:
         board1.exec(["sh", "-c", f"echo 'NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,' > {DEBUGFS}/load"])
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO_ROOT
+
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(1800)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_role_scenario_passes(double_build: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -27,17 +26,6 @@ def run(args: Sequence[str], *, check: bool = True, input_text: str | None = Non
 def log(message: str) -> None:
     """Progress goes to stderr so stdout stays parseable (status, exec output)."""
     print(f"[fleet] {message}", file=sys.stderr, flush=True)
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2) -> float:
-    """Poll condition until true; return the seconds waited or raise SimError naming what timed out."""
-    start = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise SimError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def mount_points() -> list[str]:

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .commands import SimError, log, mount_points, run, wait_until
+from tests.support import wait_until
+
+from .commands import SimError, log, mount_points, run
 from .network import NETNS_DIR, namespace_pids
 from .vendor_image import KEY_LOGIN, PASSWORD_LOGIN, VENDOR_PASSWORD, VENDOR_USER
 
@@ -240,10 +242,12 @@ class Host:
         seconds waited."""
         start = time.monotonic()
         timeout = BOOT_TIMEOUT[self.spec.arch]
-        wait_until(lambda: self._system_state() in READY_STATES, timeout=timeout,
-                   what=f"{self.name}: systemctl is-system-running = running/degraded")
+        wait_until(lambda: self._system_state() in READY_STATES,
+                   f"{self.name}: systemctl is-system-running = running/degraded",
+                   deadline_s=timeout, interval=0.2)
         remaining = max(5.0, timeout - (time.monotonic() - start))
-        wait_until(self._ssh_answers, timeout=remaining, what=f"{self.name}: ssh root@{self.address}")
+        wait_until(self._ssh_answers,
+                   f"{self.name}: ssh root@{self.address}", deadline_s=remaining, interval=0.2)
         return time.monotonic() - start
 
     def exec(self, command: str | Sequence[str], *, check: bool = True,
@@ -264,8 +268,8 @@ class Host:
             self._request_halt(pid)
             try:
                 wait_until(lambda: not self.nspawn_pids() and not namespace_pids(self.spec.netns),
-                           timeout=HALT_TIMEOUT[self.spec.arch], what=f"{self.name} to halt")
-            except SimError as error:
+                           f"{self.name} to halt", deadline_s=HALT_TIMEOUT[self.spec.arch], interval=0.2)
+            except AssertionError as error:
                 log(f"{error}; killing what is left")
         self.kill_leftovers()
         self.remove_cgroup()
@@ -294,8 +298,8 @@ class Host:
                 return
             for pid in pids:
                 signal_quietly(pid, signal.SIGKILL)
-            wait_until(lambda pids=pids: not any(is_alive(p) for p in pids), timeout=10,
-                       what=f"{self.name}: processes to die", interval=0.05)
+            wait_until(lambda pids=pids: not any(is_alive(p) for p in pids),
+                       f"{self.name}: processes to die", interval=0.05)
         raise SimError(f"{self.name}: processes keep appearing in netns {self.spec.netns}")
 
     def unmount(self) -> None:

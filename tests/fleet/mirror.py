@@ -13,13 +13,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support import REPO_ROOT, free_port, wait_until
+
 from . import kernels
-from .commands import SimError, wait_until
+from .commands import SimError
 
 RELEASE_API = "rknn-llm/release-v1.2.3/rkllm-runtime/Linux/librkllm_api"
 LIB_PATH = f"{RELEASE_API}/aarch64/librkllmrt.so"
 HEADER_PATH = f"{RELEASE_API}/include/rkllm.h"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Board arch -> the test double build that runs there.
 DOUBLE_BUILD_DIRS = {"arm64": "aarch64", "amd64": "host"}
 
@@ -85,12 +86,6 @@ def publish(sources: MirrorSources, root: Path, board_arch: str) -> dict[str, Pu
     return published
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return int(probe.getsockname()[1])
-
-
 def _answers(address: str, port: int) -> bool:
     try:
         with socket.create_connection((address, port), timeout=0.5):
@@ -101,13 +96,13 @@ def _answers(address: str, port: int) -> bool:
 
 def start_server(root: Path, address: str, log_path: Path) -> tuple[int, int]:
     """Serve root on address; return (pid, port) once it accepts connections."""
-    port = _free_port(address)
+    port = free_port(address)
     with log_path.open("ab") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "http.server", "--bind", address, "--directory", str(root), str(port)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True)
-    wait_until(lambda: _answers(address, port) or server.poll() is not None, timeout=15,
-               what=f"artefact mirror on {address}:{port}")
+    wait_until(lambda: _answers(address, port) or server.poll() is not None,
+               f"artefact mirror on {address}:{port}", deadline_s=15, interval=0.2)
     if server.poll() is not None:
         raise SimError(f"artefact mirror exited {server.returncode}; see {log_path}")
     return server.pid, port

@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fleet.stop(args.name)
             else:
                 print(f"{args.name} booted in {fleet.start(args.name):.1f}s")
-    except SimError as error:
+    except (SimError, AssertionError) as error:  # AssertionError: a wait_until deadline passed
         print(f"fleet: {error}", file=sys.stderr)
         return 1
     return 0

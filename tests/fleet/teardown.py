@@ -7,7 +7,9 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .commands import SimError, log, mounts_under, run, wait_until
+from tests.support import wait_until
+
+from .commands import SimError, log, mounts_under, run
 from .host import Host, is_alive, processes_matching, signal_quietly
 from .mirror import stop_server
 from .network import delete_link, delete_namespace, links_with_prefix, namespace_pids, namespaces_with_prefix
@@ -53,7 +55,8 @@ def teardown(prefix: str, run_dir: Path, hosts: list[Host], mirror_pid: int | No
     strays += [pid for netns in namespaces_with_prefix(prefix) for pid in namespace_pids(netns)]
     for pid in strays:
         signal_quietly(pid, signal.SIGKILL)
-    wait_until(lambda: not any(is_alive(pid) for pid in strays), timeout=15, what="leftover processes to die")
+    wait_until(lambda: not any(is_alive(pid) for pid in strays),
+               "leftover processes to die", deadline_s=15, interval=0.2)
     for mount in mounts_under(run_dir):
         run(["umount", mount], check=False)
     for mount in mounts_under(run_dir):

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .commands import SimError, wait_until
+from tests.support import wait_until
+
+from .commands import SimError
 from .mirror import MirrorSources
 from .network import links_with_prefix, namespaces_with_prefix
 from .sim import Fleet, run_dir_for
@@ -193,7 +195,7 @@ def test_a_kernel_package_takes_effect_at_a_reboot_from_inside(fleet: Fleet) -> 
         return boot_id not in ("", old_boot_id) and board.exec(
             ["systemctl", "is-system-running"], check=False).stdout.strip() in ("running", "degraded")
 
-    wait_until(rebooted, timeout=90, what="board2 back after systemctl reboot")
+    wait_until(rebooted, "board2 back after systemctl reboot", deadline_s=90, interval=0.2)
     assert board.exec(["cat", "/srv/fixtures/rknpu/version"]).stdout == "RKNPU driver: v0.9.8\n"
     assert board.exec(["cat", "/run/fleet-sim-boot/osrelease"]).stdout == "6.1.84-fleetsim\n"
     # The kernel the image shipped with stays installed (bootable from the menu).

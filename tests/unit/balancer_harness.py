@@ -6,11 +6,11 @@ the role renders, never a hand-written copy.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT, free_port
+
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 _ROLE_PLAY = """\
@@ -53,12 +58,6 @@ class RenderedBalancer:
     port: int
     js: Path
     status_port: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_balancers(workdir: Path, boards: Sequence[Board], variants: dict[str, dict[str, object]]
@@ -131,7 +130,7 @@ def run_role_tasks(workdir: Path, inventory: dict[str, object], variables: dict[
     (workdir / "inventory.json").write_text(json.dumps(inventory))
     (workdir / "vars.json").write_text(json.dumps(variables))
     (workdir / "play.yml").write_text(_ROLE_PLAY.format(role=role, tasks_from=tasks_from, hosts=hosts))
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "ANSIBLE_RETRY_FILES_ENABLED": "0"}
     result = subprocess.run(
         [*launcher, str(ANSIBLE_PLAYBOOK), "-i", str(workdir / "inventory.json"),
@@ -262,3 +261,18 @@ def running_boards(workdir: Path, library: Path, boards: dict[str, Sequence[Boar
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A localhost certificate and its key (cert.pem, key.pem in directory), for the TLS variants."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

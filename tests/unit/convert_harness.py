@@ -10,8 +10,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-FAKE_TOOLKIT = REPO / "tests/unit/ops_fixtures/fake_rkllm_toolkit"
+from tests.support import REPO_ROOT
+
+FAKE_TOOLKIT = REPO_ROOT / "tests/unit/ops_fixtures/fake_rkllm_toolkit"
 WHEEL_NAME = "rkllm_toolkit-1.2.3-py3-none-any.whl"
 
 
@@ -39,7 +40,7 @@ def build_fake_wheel(directory: Path) -> tuple[Path, str]:
 def run_playbook(playbook: Path, variables: dict[str, Any], env: dict[str, str] | None = None,
                  timeout: int = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
+        [str(REPO_ROOT / ".venv/bin/ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
          "-e", json.dumps(variables)],
-        capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False, env=env,
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout, check=False, env=env,
     )

@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
 DOC = REPO_ROOT / "docs" / "DEPLOYMENT.md"
 SHELL = "sh"
 NOT_RUN_MARKER = "# not on the simulator:"

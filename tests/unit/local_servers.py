@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from server_harness import free_port, wait_until
+
+from tests.support import free_port, wait_until
 
 SERVER_BIN = Path(sys.executable).parent / "rkllm-server"
 
@@ -45,7 +46,8 @@ class LocalServer:
         log = (self.log_dir / f"server-{self.port}.log").open("ab")
         self.process = subprocess.Popen(argv, env={**os.environ, **self.env}, stdout=log, stderr=log)
         log.close()
-        wait_until(lambda: _healthy(self.url) or self.process.poll() is not None, timeout=30, interval=0.05)
+        wait_until(lambda: _healthy(self.url) or self.process.poll() is not None,
+                   "the server answers /health (or exits)", deadline_s=30, interval=0.05)
         assert self.process.poll() is None, (self.log_dir / f"server-{self.port}.log").read_text()
 
     def stop(self) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-RENDER_PLAYBOOK = REPO / "tests/unit/ops_fixtures/render_monitoring.yml"
+from tests.support import REPO_ROOT
+
+RENDER_PLAYBOOK = REPO_ROOT / "tests/unit/ops_fixtures/render_monitoring.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"
@@ -70,9 +71,9 @@ def render_monitoring(
         **(extra_vars or {}),
     }
     return subprocess.run(
-        [str(REPO / ".venv/bin/ansible-playbook"), "-i", str(inventory_path), str(RENDER_PLAYBOOK),
+        [str(REPO_ROOT / ".venv/bin/ansible-playbook"), "-i", str(inventory_path), str(RENDER_PLAYBOOK),
          "-e", json.dumps(variables)],
-        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False,
     )
 
 

@@ -1,10 +1,10 @@
-"""A real uvicorn server on 127.0.0.1 (random free port) over the real binding and the C double."""
+"""A real uvicorn server on 127.0.0.1 (random free port) over the real binding and the C double, and
+the server config as the rkllm_server role renders it."""
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -14,25 +14,16 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from balancer_harness import local_host, run_role_tasks
 
 from rkllm_runtime.app import create_app
 from rkllm_runtime.cli import uvicorn_config
 from rkllm_runtime.config import parse_config
 from rkllm_runtime.scheduler import Scheduler
+from tests.support import REPO_ROOT, wait_until
 
 QWEN = "Qwen2.5-1.5B-Instruct"
 R1 = "DeepSeek-R1-Distill-Qwen-1.5B"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @dataclass
@@ -42,12 +33,6 @@ class RunningServer:
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager
@@ -72,7 +57,7 @@ def serve(
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: server.started or not thread.is_alive())
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn started (or its thread ended)")
         assert server.started, "server failed to start"
         yield RunningServer(f"http://127.0.0.1:{port}", app.state.scheduler)
     finally:
@@ -112,3 +97,25 @@ def start_server(double_library_path: Path, double_log: Path) -> Iterator[Callab
 
     with stack:
         yield start
+
+
+def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_vars: Any) -> Path:
+    """Run the rkllm_server role's config tasks (template + the server's --check) on this machine."""
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    venv = home / "current"
+    if not venv.exists():
+        venv.symlink_to(REPO_ROOT / ".venv")  # the role checks with <home>/current/bin/rkllm-server
+    config = workdir / "config.toml"
+    host_vars = {
+        **local_host(),
+        "rkllm_server_home": str(home),
+        "rkllm_server_config_path": str(config),
+        "rkllm_server_template_dir": str(workdir / "templates"),
+        "rkllm_server_group": "root",
+        "rkllm_server_models": models,
+        **role_vars,
+    }
+    inventory = {"all": {"hosts": {"board1": host_vars}}}
+    run_role_tasks(workdir, inventory, {}, role="rkllm_server", tasks_from="config", hosts="all")
+    return config

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
 BIN = Path(sys.executable).parent
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from double_replies import expected_reply
+from server_client import QWEN_LABELS, cached, samples
 from server_harness import QWEN, model_entry, start_server
-from test_engine import expected_reply
-from test_kv_slots import MODEL, cached
-from test_server_ops import samples
 
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.chat_templates import (
@@ -256,7 +255,7 @@ def two_turns(server: Any) -> tuple[dict[str, Any], dict[str, float]]:
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Sure?"}]
         metrics = samples(http.get("/metrics").text)
     return answer.json(), {
-        name: metrics.get((name, MODEL), 0.0)
+        name: metrics.get((name, QWEN_LABELS), 0.0)
         for name in ("rkllm_prompt_tokens_total", "rkllm_prompt_tokens_cached_total")
     }
 

@@ -24,9 +24,9 @@ import pytest
 from compat.cells import FEATURES
 from compat.drive import CLIENTS
 from fake_models import write_model
-from server_harness import QWEN, serve, wait_until
+from server_harness import QWEN, serve
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT, wait_until
 
 BUSY = "Busy-Model"
 EMBEDDER = "Qwen3-Embedding-0.6B"
@@ -118,7 +118,7 @@ def matrix(
         started, stop = threading.Event(), threading.Event()
         holder = threading.Thread(target=occupy, args=(server.url, BUSY, started, stop), daemon=True)
         holder.start()
-        wait_until(started.is_set, timeout=30)
+        wait_until(started.is_set, "the server thread started", deadline_s=30)
         arguments = [server.url, QWEN, BUSY, EMBEDDER, VOCABULARY]
         # The second environment's clients take longest to import: they start first.
         slowest_first = sorted(CLIENTS, key=lambda client: client not in SECOND_ENVIRONMENT)

@@ -24,8 +24,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_harness import QWEN, log_lines, model_entry, start_server, wait_until
-from test_fuzz_api import fuzz_route
+from api_fuzzing import fuzz_route
+from server_harness import QWEN, log_lines, model_entry, start_server
 
 from rkllm_runtime.config import ModelConfig
 from rkllm_runtime.embedding import to_json_array
@@ -33,6 +33,7 @@ from rkllm_runtime.engine import Engine, GenerationRequest, ModelParams, TokenEv
 from rkllm_runtime.generation import RequestRun
 from rkllm_runtime.library import load_library
 from rkllm_runtime.scheduler import pooled_vector
+from tests.support import wait_until
 
 __all__ = ["start_server"]
 
@@ -312,7 +313,7 @@ def test_a_full_queue_refuses_embeddings_at_once_with_retry_after(
             target=lambda: answers.append(http.post("/v1/embeddings", json={"model": EMBED, "input": slow}))
         )
         running.start()
-        wait_until(lambda: log_lines(double_log, "RUN"))
+        wait_until(lambda: log_lines(double_log, "RUN"), "the double starts a run")
         refused = http.post("/v1/embeddings", json={"model": EMBED, "input": "second"})
         refused_ollama = http.post("/api/embed", json={"model": EMBED, "input": "second"})
         running.join()
@@ -336,7 +337,8 @@ def test_embeddings_wait_for_a_running_generation_and_never_interleave(start_ser
         target=lambda: batch.append(client.embeddings.create(model=QWEN, input=["one", "two", "three"]))
     )
     worker.start()
-    wait_until(lambda: metric(server, 'rkllm_requests_waiting{model="Qwen2.5-1.5B-Instruct"}') == 1)
+    wait_until(lambda: metric(server, 'rkllm_requests_waiting{model="Qwen2.5-1.5B-Instruct"}') == 1,
+               "one request waiting")
     list(stream)
     worker.join()
     events = [

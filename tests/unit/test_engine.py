@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from double_replies import VOCAB, expected_ids, expected_reply
 
 from rkllm_runtime import abi
 from rkllm_runtime.engine import Engine, FinishEvent, GenerationRequest, ModelParams, TokenEvent
@@ -19,24 +20,7 @@ from rkllm_runtime.generation import RequestRun
 from rkllm_runtime.library import RkllmLibrary, load_library
 from rkllm_runtime.npu_memory import NpuMemoryPlanner
 
-VOCAB = ["Hello", ",", " world", " é", " 世界", " 🙂", " NPU", " fleet", " token", " board", " rock", " chip"]
 DEADLINE_S = 10.0
-
-
-def fnv1a(data: bytes) -> int:
-    value = 2166136261
-    for byte in data:
-        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
-    return value
-
-
-def expected_ids(prompt: str, tokens: int) -> list[int]:
-    seed = fnv1a(prompt.encode())
-    return [(seed + i * 7) % len(VOCAB) for i in range(tokens)]
-
-
-def expected_reply(prompt: str, tokens: int) -> str:
-    return "".join(VOCAB[token_id] for token_id in expected_ids(prompt, tokens))
 
 
 async def collect(engine: Engine, request: GenerationRequest) -> tuple[list[TokenEvent], FinishEvent]:

@@ -14,9 +14,9 @@ from local_servers import LocalServer, local_servers
 
 from rkllm_runtime.fleet_bench.cli import main
 from rkllm_runtime.fleet_bench.report import CHARTS
+from tests.support import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests/fakelib/models/tiny-flat.rkllm"
+TINY = REPO_ROOT / "tests/fakelib/models/tiny-flat.rkllm"
 MODEL = "Qwen2.5-1.5B-Instruct"
 
 
@@ -87,7 +87,7 @@ def test_benchmark_playbook_plans_from_the_inventory(boards: list[LocalServer], 
     run = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), "ansible/benchmark.yml",
          "-e", json.dumps({"bench_output_dir": str(out), "bench_max_tokens": 8})],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     plan = json.loads((out / "plan.json").read_text())

@@ -17,7 +17,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server, wait_until
+from server_client import CHAT, assert_error_shape, chat_body
+from server_harness import QWEN, RunningServer, log_lines, model_entry, start_server
 
 from rkllm_runtime.api import body as request_body
 from rkllm_runtime.cli import (
@@ -28,18 +29,9 @@ from rkllm_runtime.cli import (
     HeadTimeoutProtocol,
     uvicorn_config,
 )
+from tests.support import wait_until
 
 __all__ = ["start_server"]
-
-CHAT = {"openai": "/v1/chat/completions", "ollama": "/api/chat"}
-
-
-def chat_body(api: str, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": QWEN, "messages": [{"role": "user", "content": "hi"}], **fields}
-    if api == "ollama":
-        body.setdefault("stream", False)
-    return body
-
 
 @pytest.fixture
 def loaded_server(start_server, make_model, double_log) -> RunningServer:
@@ -65,19 +57,6 @@ def assert_unharmed(server: RunningServer, double_log) -> None:
         assert http.get("/health").status_code == 200
         after = http.post(CHAT["openai"], json=chat_body("openai", max_tokens=2))
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
-
-
-def assert_error_shape(api: str, response: httpx.Response, status: int, fragment: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    if api == "openai":
-        assert set(error) == {"message", "type", "param", "code"}
-        assert error["type"] == "invalid_request_error"
-        message = error["message"]
-    else:
-        assert isinstance(error, str)
-        message = error
-    assert fragment in message, message
 
 
 def post_raw(server: RunningServer, path: str, raw: bytes) -> httpx.Response:
@@ -255,7 +234,8 @@ def test_a_client_leaving_mid_body_is_no_error(loaded_server, double_log, caplog
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n" + b'{"model": "' + b"x" * 1000
         )
-    wait_until(lambda: any("client disconnected" in r.getMessage() for r in caplog.records))
+    wait_until(lambda: any("client disconnected" in r.getMessage() for r in caplog.records),
+               "the disconnect logged")
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert_unharmed(loaded_server, double_log)
 
@@ -268,16 +248,16 @@ def test_clients_leaving_a_stream_or_a_whole_answer_are_no_errors(
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=50, reply_tokens=400)])
     with server.http() as http, http.stream("POST", CHAT[api], json=chat_body(api, stream=True)) as stream:
         next(stream.iter_lines())
-    wait_until(lambda: log_lines(double_log, "FINISH"))
+    wait_until(lambda: log_lines(double_log, "FINISH"), "the left stream's run finishes")
     # The whole-answer client leaves once its run has started (a fixed client timeout could expire
     # while the request still waits for the loaded machine, and then nothing runs).
     whole = connect(server)
     payload = json.dumps(chat_body(api, stream=False)).encode()
     whole.sendall(f"POST {CHAT[api]} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2)
+    wait_until(lambda: len(log_lines(double_log, "RUN")) == 2, "the whole-answer request's run starts")
     whole.close()
-    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2)
+    wait_until(lambda: len(log_lines(double_log, "FINISH")) == 2, "both runs finish")
     assert all(
         "reason=abort" in line or "reason=callback" in line for line in log_lines(double_log, "FINISH")
     )
@@ -370,7 +350,7 @@ def test_connections_over_the_cap_are_refused_and_the_rest_served(start_server, 
         for conn in held:
             conn.close()
     with server.http() as http:
-        wait_until(lambda: http.get("/health").status_code == 200)
+        wait_until(lambda: http.get("/health").status_code == 200, "/health answers 200")
 
 
 def test_the_server_exits_with_uvicorns_startup_failure_status_when_it_cannot_bind(

@@ -17,47 +17,20 @@ from typing import Any
 
 import httpx
 import pytest
-from balancer_harness import ANSIBLE_PLAYBOOK, REPO, local_host
-from server_harness import QWEN, log_lines, model_entry, start_server
-from test_server_ops import samples
-from test_server_templates import render_server_config
+from balancer_harness import ANSIBLE_PLAYBOOK, local_host
+from server_client import Conversation, cached, metric, samples
+from server_harness import QWEN, log_lines, model_entry, render_server_config, start_server
 
 from rkllm_runtime.config import load_config, parse_config
 from rkllm_runtime.registry import KvSlot, LoadedModel
 from rkllm_runtime.slot_policy import choose_slot, continues
+from tests.support import REPO_ROOT
 
 __all__ = ["start_server"]
-
-MODEL = frozenset({("model", QWEN)})
-
-
-class Conversation:
-    """One chat's messages; each turn sends the whole history, as OpenAI clients do."""
-
-    def __init__(self, opening: str) -> None:
-        self.opening = opening
-        self.messages: list[dict[str, str]] = []
-
-    def turn(self, http: httpx.Client, index: int) -> dict[str, Any]:
-        self.messages.append({"role": "user", "content": f"{self.opening}, turn {index}"})
-        answer = http.post("/v1/chat/completions", json={"model": QWEN, "messages": self.messages})
-        assert answer.status_code == 200, answer.text
-        body: dict[str, Any] = answer.json()
-        self.messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
-        return body
-
-
-def cached(body: dict[str, Any]) -> int:
-    return int(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-
 
 def run_handles(double_log) -> list[str]:
     """The double's handle id of every rkllm_run, in order."""
     return [re.search(r"handle=(\d+)", line).group(1) for line in log_lines(double_log, "RUN")]
-
-
-def metric(http: httpx.Client, name: str, labels: frozenset = MODEL) -> float:
-    return samples(http.get("/metrics").text).get((name, labels), 0.0)
 
 
 def slot_states(http: httpx.Client) -> dict[str, str]:
@@ -432,7 +405,7 @@ def choose_slots(workdir: Path, mem_total_kb: int, **role_vars: Any) -> dict[str
     (workdir / "inventory.json").write_text(json.dumps({"all": {"hosts": {"board1": host}}}))
     (workdir / "vars.json").write_text(json.dumps(role_vars))
     (workdir / "play.yml").write_text(CHOICE_PLAY)
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
     done = subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", "inventory.json", "-e", "@vars.json", "play.yml"],
         cwd=workdir,

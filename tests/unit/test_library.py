@@ -15,6 +15,7 @@ from rkllm_runtime.library import (
     load_library,
     resolve_library_path,
 )
+from tests.support import REPO_ROOT
 
 
 def test_explicit_path_beats_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +68,7 @@ def test_default_param_comes_back_by_value(double_library_path: Path) -> None:
     assert (param.extend_param.enabled_cpus_num, param.extend_param.n_batch) == (4, 1)
 
 
-def test_loading_raises_the_open_file_limit(double_library_path: Path, repo_root: Path) -> None:
+def test_loading_raises_the_open_file_limit(double_library_path: Path) -> None:
     script = (
         "import resource, sys\n"
         "from rkllm_runtime.library import load_library\n"
@@ -78,7 +79,7 @@ def test_loading_raises_the_open_file_limit(double_library_path: Path, repo_root
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(double_library_path)],
-        cwd=repo_root, check=True, capture_output=True, text=True,
+        cwd=REPO_ROOT, check=True, capture_output=True, text=True,
     )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     reachable = OPEN_FILES_TARGET if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_TARGET)

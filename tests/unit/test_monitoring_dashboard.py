@@ -7,9 +7,11 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from monitoring_harness import PROMTOOL, REPO
+from monitoring_harness import PROMTOOL
 
-DASHBOARD = REPO / "roles/monitoring/files/rkllm-fleet-dashboard.json"
+from tests.support import REPO_ROOT
+
+DASHBOARD = REPO_ROOT / "roles/monitoring/files/rkllm-fleet-dashboard.json"
 
 
 def test_dashboard_covers_the_fleet_questions() -> None:

@@ -19,9 +19,10 @@ from monitoring_harness import (
     running_alertmanager,
     running_prometheus,
 )
-from server_harness import free_port, wait_until
 
-TINY = Path(__file__).resolve().parents[1] / "fakelib/models/tiny-flat.rkllm"
+from tests.support import REPO_ROOT, free_port, wait_until
+
+TINY = REPO_ROOT / "tests/fakelib/models/tiny-flat.rkllm"
 
 
 @pytest.fixture
@@ -57,16 +58,21 @@ def prometheus(two_boards: list[LocalServer], webhook: AlertWebhook, tmp_path: P
 
 def test_board_down_alert_fires_clears_and_is_delivered(prometheus: str, two_boards: list[LocalServer],
                                                         webhook: AlertWebhook) -> None:
-    wait_until(lambda: board_health(prometheus) == {"board1": "up", "board2": "up"}, timeout=30, interval=0.2)
+    wait_until(lambda: board_health(prometheus) == {"board1": "up", "board2": "up"},
+               "both boards up in Prometheus", deadline_s=30, interval=0.2)
     assert board_down_alerts(prometheus) == {}
 
     two_boards[1].stop()
-    wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"}, timeout=30, interval=0.2)
+    wait_until(lambda: board_down_alerts(prometheus) == {"board2": "firing"},
+               "RkllmBoardDown firing for board2", deadline_s=30, interval=0.2)
     assert board_health(prometheus)["board1"] == "up"
-    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"), timeout=30, interval=0.2)
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "firing"),
+               "the webhook notified of board2 firing", deadline_s=30, interval=0.2)
 
     two_boards[1].start()
-    wait_until(lambda: board_down_alerts(prometheus) == {}, timeout=30, interval=0.2)
+    wait_until(lambda: board_down_alerts(prometheus) == {},
+               "no RkllmBoardDown alert", deadline_s=30, interval=0.2)
     assert board_health(prometheus) == {"board1": "up", "board2": "up"}
-    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"), timeout=30, interval=0.2)
+    wait_until(lambda: webhook.notified("RkllmBoardDown", "board2", "resolved"),
+               "the webhook notified of board2 resolved", deadline_s=30, interval=0.2)
     assert not webhook.notified("RkllmBoardDown", "board1", "firing")

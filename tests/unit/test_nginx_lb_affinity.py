@@ -21,13 +21,14 @@ from balancer_harness import (
     BoardModel,
     RenderedBalancer,
     access_log,
-    free_port,
     reload_nginx,
     render_balancers,
     running_boards,
     running_nginx,
 )
-from server_harness import wait_until
+from server_client import cached
+
+from tests.support import free_port, wait_until
 
 # 200 tok/s: a 400-token stream holds a board for 2 s. Queues let a board take every conversation.
 MODEL = BoardModel("alpha", tokens_per_second=200, reply_tokens=400, queue_size=8)
@@ -73,10 +74,6 @@ class Conversation:
         return answer
 
 
-def cached(answer: dict[str, object]) -> int:
-    return int(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
-
-
 def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int, count: int = 1
                         ) -> list[tuple[str, str]]:
     """(URI, answering board: the last address nginx tried) of the requests logged after `offset`, once
@@ -87,7 +84,8 @@ def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], of
         found = re.findall(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"', access_log(balancer)[offset:])
         return found if len(found) >= count else []
 
-    return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in wait_until(logged)]
+    tried_by_uri = wait_until(logged, "nginx logged the requests")
+    return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in tried_by_uri]
 
 
 def answering_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int) -> list[str]:
@@ -272,7 +270,8 @@ def reload_and_wait(balancer: RenderedBalancer, conf: Path) -> None:
     """Reload nginx with `conf` and return once every worker of the old configuration has exited."""
     old = workers(balancer)
     reload_nginx(balancer, conf)
-    wait_until(lambda: not old & workers(balancer), timeout=15, interval=0.05)
+    wait_until(lambda: not old & workers(balancer),
+               "the old nginx workers gone", deadline_s=15, interval=0.05)
 
 
 def test_a_board_drained_in_the_inventory_hands_its_conversations_over_once(

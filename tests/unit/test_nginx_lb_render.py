@@ -7,7 +7,6 @@ queue_size 0, so a board running one generation of a model answers 503 "queue fu
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import os
@@ -22,13 +21,11 @@ import httpx
 import pytest
 import yaml
 from balancer_harness import (
-    REPO,
     Board,
     BoardModel,
     RenderedBalancer,
     access_log,
     balancer_inventory,
-    free_port,
     nginx_check,
     reload_nginx,
     render_balancer,
@@ -36,12 +33,10 @@ from balancer_harness import (
     run_role_tasks,
     running_boards,
     running_nginx,
+    self_signed_certificate,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from server_harness import wait_until
+
+from tests.support import REPO_ROOT, free_port, wait_until
 
 FLEET = {
     "b1": [BoardModel("alpha"), BoardModel("beta"), BoardModel("delta")],
@@ -59,20 +54,6 @@ def boards(tmp_path_factory: pytest.TempPathFactory, double_library_path: Path) 
 # As long as `openssl rand -hex 32` makes them: long keys need a larger map hash bucket.
 API_KEY = "sk-" + "0123456789abcdef" * 4
 HTTPS_PORT = free_port()
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +261,15 @@ def test_auto_and_unknown_models_go_to_the_whole_fleet(lb: str, boards: dict[str
     assert "error" in unknown.json()
     # A model no board has is asked of each board once (any of them might have just gained it).
     # nginx writes the access log line after the answer has gone out.
-    [(tried, statuses)] = wait_until(lambda: upstreams_since(balancer, offset), 10)
+    [(tried, statuses)] = wait_until(lambda: upstreams_since(balancer, offset),
+                                     "nginx logged the upstreams tried")
     assert sorted(port_of(boards, ua) for ua in tried.split(", ")) == ["b1", "b2", "b3"]
     assert statuses == "404, 404, 404"
     offset = log_size(balancer)
     # Round robin among equally idle boards; the 404 tries above moved its position, so six requests.
     for _ in range(6):
         assert httpx.get(f"{lb}/v1/models", timeout=30).status_code == 200
-    wait_until(lambda: len(upstreams_since(balancer, offset)) == 6, 10)
+    wait_until(lambda: len(upstreams_since(balancer, offset)) == 6, "six upstream attempts logged")
     used = [port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)]
     assert set(used) == {"b1", "b2", "b3"}, used
 
@@ -377,7 +359,7 @@ def test_read_timeout_covers_a_whole_answer_or_follows_the_boards_watchdog_bound
     run_role_tasks(tmp_path, inventory, {}, role="nginx_lb", tasks_from="configure", hosts="rkllm_balancers")
     from_board = set(re.findall(r"proxy_read_timeout (\S+);", rendered["derived"].conf.read_text()))
     fixed = set(re.findall(r"proxy_read_timeout (\S+);", rendered["fixed"].conf.read_text()))
-    specs = yaml.safe_load((REPO / "roles/rkllm_server/meta/argument_specs.yml").read_text())
+    specs = yaml.safe_load((REPO_ROOT / "roles/rkllm_server/meta/argument_specs.yml").read_text())
     server_options = specs["argument_specs"]["main"]["options"]
     server_default = server_options["rkllm_server_watchdog_read_timeout_seconds"]["default"]
     assert server_default == 133

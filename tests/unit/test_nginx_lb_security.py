@@ -20,14 +20,15 @@ from balancer_harness import (
     BoardModel,
     RenderedBalancer,
     balancer_inventory,
-    free_port,
     local_host,
     render_balancers,
     run_role_tasks,
     running_boards,
     running_nginx,
+    self_signed_certificate,
 )
-from test_nginx_lb_render import self_signed_certificate
+
+from tests.support import free_port
 
 API_KEY = "sk-" + "fedcba9876543210" * 4
 HTTPS_PORT = free_port()

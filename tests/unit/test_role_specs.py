@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
+from tests.support import REPO_ROOT
+
+ROLES_DIR = REPO_ROOT / "roles"
 ROLES = sorted(p.name for p in ROLES_DIR.iterdir() if (p / "tasks").is_dir())
 
 

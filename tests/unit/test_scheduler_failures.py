@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from server_client import CHAT, assert_error_shape, chat_body, samples
 from server_harness import QWEN, log_lines, model_entry, start_server
-from test_hostile_input import CHAT, assert_error_shape, chat_body
-from test_server_ops import samples
 
 from rkllm_runtime.api import ollama, openai
 from rkllm_runtime.app import library_engine_factory

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from balancer_harness import ANSIBLE_PLAYBOOK, REPO
+from balancer_harness import ANSIBLE_PLAYBOOK
+
+from tests.support import REPO_ROOT
 
 PLAY = """\
 - name: Build the server for each board
@@ -34,10 +36,10 @@ PLAY = """\
 
 def server_source(directory: Path, version: str) -> Path:
     directory.mkdir()
-    shutil.copytree(REPO / "rkllm_runtime", directory / "rkllm_runtime",
+    shutil.copytree(REPO_ROOT / "rkllm_runtime", directory / "rkllm_runtime",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (directory / "pyproject.toml").write_text(
-        (REPO / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"'))
+        (REPO_ROOT / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"'))
     return directory
 
 
@@ -54,7 +56,7 @@ def test_each_pinned_server_source_is_built_once_and_each_board_gets_its_own(tmp
     inventory = {"all": {"vars": {"rkllm_server_cache_dir": str(cache)}, "hosts": hosts}}
     (tmp_path / "inventory.json").write_text(json.dumps(inventory))
     (tmp_path / "play.yml").write_text(PLAY)
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO_ROOT / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}
     argv = [str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.json"), str(tmp_path / "play.yml")]
     run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 
 import httpx
-from server_harness import QWEN, model_entry, start_server, wait_until
+from server_harness import QWEN, model_entry, start_server
+
+from tests.support import wait_until
 
 __all__ = ["start_server"]
 
@@ -31,7 +33,8 @@ def test_a_draining_node_refuses_new_work_and_finishes_what_it_admitted(start_se
         thread.start()
     with server.http() as http:
         # One request runs, the other waits in the queue.
-        wait_until(lambda: f'rkllm_requests_waiting{{model="{QWEN}"}} 1.0' in http.get("/metrics").text)
+        wait_until(lambda: f'rkllm_requests_waiting{{model="{QWEN}"}} 1.0' in http.get("/metrics").text,
+                   "one request waiting")
         drain_file.touch()
 
         refused = http.post("/v1/chat/completions", json=CHAT)

@@ -7,13 +7,14 @@ import time
 
 import httpx
 import yaml
-from balancer_harness import REPO
+from server_client import chat, samples
 from server_harness import QWEN, model_entry, start_server
-from test_server_ops import chat, samples
+
+from tests.support import REPO_ROOT
 
 __all__ = ["start_server"]
 
-MONITORING_DEFAULTS = REPO / "roles/monitoring/defaults/main.yml"
+MONITORING_DEFAULTS = REPO_ROOT / "roles/monitoring/defaults/main.yml"
 
 
 def rejected(values: dict, model: str, reason: str) -> float:

@@ -8,7 +8,9 @@ import math
 import httpx
 import openai
 import pytest
-from server_harness import QWEN, R1, log_lines, model_entry, start_server, wait_until
+from server_harness import QWEN, R1, log_lines, model_entry, start_server
+
+from tests.support import wait_until
 
 __all__ = ["start_server"]
 
@@ -279,9 +281,8 @@ def test_queue_full_is_refused_at_once_with_retry_after_and_no_work(start_server
     )
     waiter.start()
     with server.http() as http:
-        wait_until(
-            lambda: 'rkllm_requests_waiting{model="Qwen2.5-1.5B-Instruct"} 1.0' in http.get("/metrics").text
-        )
+        wait_until(lambda: f'rkllm_requests_waiting{{model="{QWEN}"}} 1.0' in http.get("/metrics").text,
+                   "one request waiting")
         runs_before = len(log_lines(double_log, "RUN"))
         refused = http.post("/v1/chat/completions", json={"model": QWEN, "messages": user("third")})
         refused_ollama = http.post(
@@ -308,7 +309,7 @@ def test_stream_disconnect_aborts_within_a_token(start_server, make_model, doubl
     stream = client.chat.completions.create(model=QWEN, messages=user("long"), stream=True)
     first_token(stream)
     stream.close()
-    finish = wait_until(lambda: log_lines(double_log, "FINISH"), timeout=10)
+    finish = wait_until(lambda: log_lines(double_log, "FINISH"), "the double finishes a run")
     assert stopped_early(finish[0])
     follow = client.chat.completions.create(model=QWEN, messages=user("short"), max_tokens=1)
     assert follow.usage.completion_tokens == 1
@@ -318,12 +319,11 @@ def test_non_streaming_disconnect_aborts_too(start_server, make_model, double_lo
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=20, reply_tokens=400)])
     with server.http(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json={"model": QWEN, "messages": user("long")})
-    finish = wait_until(lambda: log_lines(double_log, "FINISH"), timeout=10)
+    finish = wait_until(lambda: log_lines(double_log, "FINISH"), "the double finishes a run")
     assert stopped_early(finish[0])
     with server.http() as http:
-        wait_until(
-            lambda: 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
-        )
+        wait_until(lambda: f'rkllm_requests_running{{model="{QWEN}"}} 0.0' in http.get("/metrics").text,
+                   "no request running")
 
 
 def test_kv_reuse_can_be_switched_off(start_server, make_model, double_log):
@@ -348,11 +348,10 @@ def test_a_client_leaving_the_queue_never_reaches_the_handle(start_server, make_
         )
     with server.http() as http:
         waiting = 'rkllm_requests_waiting{model="Qwen2.5-1.5B-Instruct"} 0.0'
-        wait_until(lambda: waiting in http.get("/metrics").text)
+        wait_until(lambda: waiting in http.get("/metrics").text, "the second request waiting")
         running.close()
-        wait_until(
-            lambda: 'rkllm_requests_running{model="Qwen2.5-1.5B-Instruct"} 0.0' in http.get("/metrics").text
-        )
+        wait_until(lambda: f'rkllm_requests_running{{model="{QWEN}"}} 0.0' in http.get("/metrics").text,
+                   "no request running")
     assert len(log_lines(double_log, "RUN")) == 1, "the departed request did no work"
 
 

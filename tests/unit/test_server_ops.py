@@ -8,25 +8,12 @@ import sys
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import QWEN, R1, free_port, log_lines, model_entry, start_server, wait_until
+from server_client import chat, samples
+from server_harness import QWEN, R1, log_lines, model_entry, start_server
+
+from tests.support import free_port, wait_until
 
 __all__ = ["start_server"]
-
-
-def chat(http: httpx.Client, model: str = QWEN, text: str = "hi", **extra) -> httpx.Response:
-    return http.post(
-        "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": text}], **extra},
-    )
-
-
-def samples(metrics_text: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(metrics_text)
-        for s in family.samples
-    }
 
 
 def test_ready_exercises_the_runtime_of_pinned_models(start_server, make_model, double_log):
@@ -248,7 +235,7 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> None:
         except httpx.TransportError:
             return False
 
-    wait_until(healthy, timeout=20, interval=0.05)
+    wait_until(healthy, "the server healthy", deadline_s=20, interval=0.05)
 
 
 def test_the_cli_starts_with_only_flags_and_the_double(double_library_path, make_model, double_log):

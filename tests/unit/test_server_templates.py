@@ -13,13 +13,13 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from balancer_harness import REPO, local_host, run_role_tasks
-from server_harness import serve
-from test_engine import expected_reply
+from double_replies import expected_reply
+from server_harness import render_server_config, serve
 
 from rkllm_runtime.chat import Message
 from rkllm_runtime.chat_templates import builtin_templates
 from rkllm_runtime.config import load_config, parse_config
+from tests.support import REPO_ROOT
 
 PHI3 = "Phi-3-mini-4k-instruct"
 # A Llama 3-style chat template, as an operator would drop it in.
@@ -36,7 +36,7 @@ LLAMA3 = """\
 
 
 def phi3_preset() -> dict[str, Any]:
-    defaults = yaml.safe_load((REPO / "roles/rkllm_convert/defaults/main.yml").read_text())
+    defaults = yaml.safe_load((REPO_ROOT / "roles/rkllm_convert/defaults/main.yml").read_text())
     return dict(defaults["rkllm_convert_presets"][PHI3])
 
 
@@ -95,28 +95,6 @@ def test_the_check_flag_validates_without_loading_a_library(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
-def render_server_config(workdir: Path, models: list[dict[str, Any]], **role_vars: Any) -> Path:
-    """Run the rkllm_server role's config tasks (template + the server's --check) on this machine."""
-    home = workdir / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    venv = home / "current"
-    if not venv.exists():
-        venv.symlink_to(REPO / ".venv")  # the role checks with <home>/current/bin/rkllm-server
-    config = workdir / "config.toml"
-    host_vars = {
-        **local_host(),
-        "rkllm_server_home": str(home),
-        "rkllm_server_config_path": str(config),
-        "rkllm_server_template_dir": str(workdir / "templates"),
-        "rkllm_server_group": "root",
-        "rkllm_server_models": models,
-        **role_vars,
-    }
-    inventory = {"all": {"hosts": {"board1": host_vars}}}
-    run_role_tasks(workdir, inventory, {}, role="rkllm_server", tasks_from="config", hosts="all")
-    return config
-
-
 def installed_entry(name: str, path: Path, catalog: dict[str, Any]) -> dict[str, Any]:
     """What the rkllm_models role hands the server role for an installed catalog entry."""
     return {
@@ -159,7 +137,7 @@ def test_the_role_ships_template_files_the_server_config_names(tmp_path, make_mo
     (own / "llama3.jinja").write_text(LLAMA3)
     workdir = tmp_path / "render"
     model = {"name": "Llama-3.2-1B", "path": str(make_model("llama")), "kind": "quick", "template": "llama3"}
-    dirs = [str(REPO / "templates/chat"), f"{own}/"]
+    dirs = [str(REPO_ROOT / "templates/chat"), f"{own}/"]
     settings = {"Llama-3.2-1B": {"bos_token": "<|begin_of_text|>"}}
     role_vars = {"rkllm_server_chat_template_dirs": dirs, "rkllm_server_model_settings": settings}
     config_path = render_server_config(workdir, [model], **role_vars)
@@ -169,7 +147,7 @@ def test_the_role_ships_template_files_the_server_config_names(tmp_path, make_mo
     for path in shipped.iterdir():
         info = path.stat()
         assert info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o644, path
-        source = own if path.name == "llama3.jinja" else REPO / "templates/chat"
+        source = own if path.name == "llama3.jinja" else REPO_ROOT / "templates/chat"
         assert path.read_bytes() == (source / path.name).read_bytes()
     assert tomllib.loads(config_path.read_text())["template_dir"] == str(shipped)
     config = load_config(config_path)
@@ -211,7 +189,7 @@ def test_the_role_refuses_two_templates_of_the_same_name(tmp_path, make_model):
     own.mkdir()
     (own / "chatml.jinja").write_text(LLAMA3)
     model = {"name": "m", "path": str(make_model("m")), "kind": "quick"}
-    dirs = [str(REPO / "templates/chat"), str(own)]
+    dirs = [str(REPO_ROOT / "templates/chat"), str(own)]
     with pytest.raises(RuntimeError, match="two chat templates have the same file name"):
         render_server_config(tmp_path / "render", [model], rkllm_server_chat_template_dirs=dirs)
     assert not (tmp_path / "render/config.toml").exists()

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from balancer_harness import ANSIBLE_PLAYBOOK, REPO, local_host
+from balancer_harness import ANSIBLE_PLAYBOOK, local_host
+
+from tests.support import REPO_ROOT
 
 MAX_EXPOSURE = 2.5
 # What the rknpu driver (0.9.x, a DRM driver: "Initialized rknpu ... on minor 1") exposes to user space.
@@ -37,10 +39,11 @@ def render_unit(workdir: Path, role: str, template: str, variables: dict[str, An
     """The unit as the role installs it (the file name is the unit's name: systemd-analyze needs it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     unit = workdir / template.removesuffix(".j2")
-    role_vars = REPO / "roles" / role / "vars" / "main.yml"
+    role_vars = REPO_ROOT / "roles" / role / "vars" / "main.yml"
     extra = f"    - {role_vars}\n" if role_vars.exists() else ""
     play = workdir / "play.yml"
-    play.write_text(_PLAY.format(repo=REPO, role=role, template=template, dest=unit, extra_vars_files=extra))
+    play.write_text(_PLAY.format(repo=REPO_ROOT, role=role, template=template, dest=unit,
+                                 extra_vars_files=extra))
     (workdir / "inventory.json").write_text(json.dumps({"all": {"hosts": {"board1": local_host()}}}))
     (workdir / "vars.json").write_text(json.dumps(variables))
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"),

@@ -19,15 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import QWEN, free_port, log_lines, model_entry, start_server, wait_until
-from test_kv_slots import Conversation, cached, metric
+from server_client import Conversation, cached, metric
+from server_harness import QWEN, log_lines, model_entry, start_server
 
 from rkllm_runtime.config import WatchdogConfig, parse_config
 from rkllm_runtime.watchdog import SystemdNotifier
+from tests.support import free_port, wait_until
 
 __all__ = ["start_server"]
 
-MODEL = frozenset({("model", QWEN)})
 HANG = "HANG"  # the double hangs only on prompts containing this (hang_trigger)
 SHORT_WATCHDOG = {"prefill_tokens_per_second": 2000.0, "slack_seconds": 0.25, "abort_grace_seconds": 5.0}
 
@@ -168,7 +168,7 @@ def test_a_hang_ignoring_abort_stops_the_systemd_pings(
         )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            wait_until(lambda: _answers(http), timeout=30)
+            wait_until(lambda: _answers(http), "the server answers", deadline_s=30)
             notify_socket.receive_until("WATCHDOG=1")
             assert http.post("/v1/chat/completions", json=chat("fine")).status_code == 200
 
@@ -187,7 +187,8 @@ def test_a_hang_ignoring_abort_stops_the_systemd_pings(
             # The watchdog goes on checking, but never pings again.
             status_at = len(notify_socket.messages)
             checks = metric(http, "rkllm_watchdog_checks_total", frozenset())
-            wait_until(lambda: metric(http, "rkllm_watchdog_checks_total", frozenset()) >= checks + 5)
+            wait_until(lambda: metric(http, "rkllm_watchdog_checks_total", frozenset()) >= checks + 5,
+                       "five more watchdog checks")
             notify_socket.drain()
             after = notify_socket.messages[status_at:]
             assert "WATCHDOG=1" not in after, after
