@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import QWEN
+from server_harness import QWEN, RunningServer
 
 QWEN_LABELS = frozenset({("model", QWEN)})
 CHAT = {"openai": "/v1/chat/completions", "ollama": "/api/chat"}
@@ -69,3 +71,18 @@ def samples(metrics_text: str) -> dict[tuple[str, frozenset], float]:
 
 def metric(http: httpx.Client, name: str, labels: frozenset = QWEN_LABELS) -> float:
     return samples(http.get("/metrics").text).get((name, labels), 0.0)
+
+
+def connect(server: RunningServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)))
+
+
+def send_without_reading(server: RunningServer, path: str, body: dict[str, Any]) -> socket.socket:
+    """POST body and leave the answer unread: the caller closes the socket when it wants the client
+    gone (a client timeout could expire before a loaded machine even starts the request's run)."""
+    conn = connect(server)
+    payload = json.dumps(body).encode()
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return conn

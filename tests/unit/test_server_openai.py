@@ -8,6 +8,7 @@ import math
 import httpx
 import openai
 import pytest
+from server_client import send_without_reading
 from server_harness import QWEN, R1, log_lines, model_entry, start_server
 
 from tests.support import wait_until
@@ -317,8 +318,9 @@ def test_stream_disconnect_aborts_within_a_token(start_server, make_model, doubl
 
 def test_non_streaming_disconnect_aborts_too(start_server, make_model, double_log):
     server = start_server([model_entry(make_model, QWEN, decode_tokens_per_second=20, reply_tokens=400)])
-    with server.http(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/chat/completions", json={"model": QWEN, "messages": user("long")})
+    left = send_without_reading(server, "/v1/chat/completions", {"model": QWEN, "messages": user("long")})
+    wait_until(lambda: log_lines(double_log, "RUN"), "the request's run starts")
+    left.close()
     finish = wait_until(lambda: log_lines(double_log, "FINISH"), "the double finishes a run")
     assert stopped_early(finish[0])
     with server.http() as http:
