@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +30,17 @@ import httpx
 MODEL = "Qwen2.5-1.5B-Instruct"
 
 
+# Every run's requests are new conversations to the balancer (its affinity key hashes the first
+# message): a later run with the same texts would follow the homes an earlier test left behind.
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def load_messages(n: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"fleet load request {RUN_ID}-{n}"}]
+
+
 def chat_body(model: str, max_tokens: int, stream: bool, n: int) -> dict[str, object]:
-    return {"model": model, "max_tokens": max_tokens, "stream": stream,
-            "messages": [{"role": "user", "content": f"fleet load request {n}"}]}
+    return {"model": model, "max_tokens": max_tokens, "stream": stream, "messages": load_messages(n)}
 
 
 def openai_stream(base: str, model: str) -> dict[str, object]:
@@ -112,8 +121,7 @@ def openai_chat(base: str, model: str, max_tokens: int) -> Callable[[int], None]
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=SDK_TIMEOUT_S)
 
     def chat(n: int) -> None:
-        client.chat.completions.create(model=model, max_tokens=max_tokens,
-                                       messages=[{"role": "user", "content": f"fleet load request {n}"}])
+        client.chat.completions.create(model=model, max_tokens=max_tokens, messages=load_messages(n))
     return chat
 
 
@@ -124,7 +132,7 @@ def ollama_chat(base: str, model: str, max_tokens: int) -> Callable[[int], None]
 
     def chat(n: int) -> None:
         client.chat(model=model, options={"num_predict": max_tokens},
-                    messages=[{"role": "user", "content": f"fleet load request {n}"}])
+                    messages=load_messages(n))
     return chat
 
 
