@@ -127,8 +127,11 @@ def generated(fleet: Fleet) -> float:
     return sum(board_metric(fleet, b, "rkllm_generation_tokens_total") for b in BOARDS)
 
 
-def in_flight_at(records: Records, moments: list[float]) -> Records:
-    return [r for r in records if any(float(r["start"]) < m < float(r["end"]) for m in moments)]
+def in_flight_at(records: Records, faults: list[tuple[float, float]]) -> Records:
+    """The records in flight during a fault: sent before it was complete, ended after it began (a
+    request sent while the link goes dark reaches the dying balancer and is never answered)."""
+    return [r for r in records
+            if any(float(r["start"]) < done and float(r["end"]) > began for began, done in faults)]
 
 
 def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable[..., Background]) -> None:
@@ -154,6 +157,7 @@ def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable
     # (a) The master loses power: keepalived on the other balancer takes the address.
     events[f"power off {first}"] = time.time()
     power_off(fleet.board(first))
+    powered_off = time.time()
     wait_until(lambda: holder(fleet) == second,
                f"{second} takes the virtual address", deadline_s=120, interval=0.2)
     settle("power off")
@@ -170,6 +174,7 @@ def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable
     # (c) nginx dies on the master: the check fails and the address moves back.
     events[f"nginx stopped on {second}"] = time.time()
     fleet.board(second).exec(["systemctl", "stop", "nginx"])
+    nginx_stopped = time.time()
     wait_until(lambda: holder(fleet) == first,
                f"{first} takes over from {second}'s dead nginx", deadline_s=120, interval=0.2)
     settle("nginx stop")
@@ -184,7 +189,8 @@ def test_failover_keeps_the_address_answering(fleet: Fleet, background: Callable
         gaps[label] = longest_silence(answered, moment, until)
     openai_failed = [r for r in openai_records if r["status"] != 200]
     ollama_failed = [r for r in ollama_records if r["status"] != 200]
-    failures = [events[f"power off {first}"], events[f"nginx stopped on {second}"]]
+    failures = [(events[f"power off {first}"], powered_off),
+                (events[f"nginx stopped on {second}"], nginx_stopped)]
     in_flight = in_flight_at(ollama_records, failures)
     refusals = queue_full_refusals(fleet) - refusals_before
     print(f"virtual address gaps: {', '.join(f'{k}: {v:.2f}s' for k, v in gaps.items())}")
