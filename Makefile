@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements/dev.txt requirements/compat-clients.txt pyproje
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements/dev.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
-	# Clients whose pins conflict with dev.txt, for tests/unit/test_client_compat.py.
+	# Clients whose pins conflict with dev.txt, for tests/component/test_client_compat.py.
 	python3 -m venv $(VENV)/clients
 	$(VENV)/clients/bin/pip install -q --disable-pip-version-check -r requirements/compat-clients.txt
 	touch $@

@@ -1,1 +1,1 @@
-"""Real client libraries driven against a running server (see tests/unit/test_client_compat.py)."""
+"""Real client libraries driven against a running server (see tests/component/test_client_compat.py)."""

@@ -3,7 +3,7 @@ amd64 fleet (4 boards and a balancer), as an operator would type them. Its hosts
 images (only the default user's password logs in, tests/fleet/vendor_image.py), so the guide's
 bootstrap is what lets every later command in.
 
-The doc's convention (parsed by tests/unit/deployment_doc.py, stated in a comment at the doc's top):
+The doc's convention (parsed by tests/component/deployment_doc.py, stated in a comment at the doc's top):
 a ```sh block runs on the controller from the repository root, one command per line, all blocks as one
 shell session (variables and exports carry over); a first line `# on a board ...` runs it as root on
 the first board, `# on a client ...` in the client network namespace (with the session's variables,
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from component.deployment_doc import REPO_ROOT, Block, Command, Place, ShellBlock, blocks, shell_blocks
 from fleet.sim import Fleet, down
 from fleet.vendor_image import PASSWORD_LOGIN, VENDOR_USER
-from unit.deployment_doc import REPO_ROOT, Block, Command, Place, ShellBlock, blocks, shell_blocks
 
 # Each block is one test; the longest runs site.yml or a rolling update (~1 min on amd64 boards).
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]

@@ -38,10 +38,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import yaml
-from e2e.playbooks import playbook
-from fleet.host import Host
-from fleet.sim import Fleet
-from unit.monitoring_harness import (
+from component.monitoring_harness import (
     FAST_ALERTING,
     AlertWebhook,
     alert_webhook,
@@ -49,6 +46,9 @@ from unit.monitoring_harness import (
     board_health,
     prometheus_api,
 )
+from e2e.playbooks import playbook
+from fleet.host import Host
+from fleet.sim import Fleet
 
 from tests.support import REPO_ROOT, free_port, wait_until
 

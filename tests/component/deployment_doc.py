@@ -1,5 +1,5 @@
 """docs/DEPLOYMENT.md read as a script: its code blocks and the convention saying which shell blocks
-run where. One parser for tests/unit/test_deployment_doc.py (checks every block without boards) and
+run where. One parser for tests/component/test_deployment_doc.py (checks every block without boards) and
 tests/e2e/test_deployment_commands.py (runs the runnable ones against a simulated fleet).
 
 The convention (the doc states it in an HTML comment at its top):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from unit.deployment_doc import (
+from component.deployment_doc import (
     NOT_RUN_MARKER,
     PLACE_MARKERS,
     REPO_ROOT,

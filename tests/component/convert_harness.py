@@ -12,7 +12,7 @@ from typing import Any
 
 from tests.support import REPO_ROOT
 
-FAKE_TOOLKIT = REPO_ROOT / "tests/unit/ops_fixtures/fake_rkllm_toolkit"
+FAKE_TOOLKIT = REPO_ROOT / "tests/component/ops_fixtures/fake_rkllm_toolkit"
 WHEEL_NAME = "rkllm_toolkit-1.2.3-py3-none-any.whl"
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from tests.support import REPO_ROOT
 
-RENDER_PLAYBOOK = REPO_ROOT / "tests/unit/ops_fixtures/render_monitoring.yml"
+RENDER_PLAYBOOK = REPO_ROOT / "tests/component/ops_fixtures/render_monitoring.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"

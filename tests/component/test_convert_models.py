@@ -18,7 +18,7 @@ from convert_harness import FAKE_TOOLKIT, build_fake_wheel, run_playbook
 from tests.support import REPO_ROOT
 
 PLAYBOOK = REPO_ROOT / "ansible/convert_models.yml"
-CONSUME = REPO_ROOT / "tests/unit/ops_fixtures/consume_converted.yml"
+CONSUME = REPO_ROOT / "tests/component/ops_fixtures/consume_converted.yml"
 SCRIPT = REPO_ROOT / "roles/rkllm_convert/files/rkllm-convert-model.py"
 MODELS_SPEC = REPO_ROOT / "roles/rkllm_models/meta/argument_specs.yml"
 SPEC_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
