@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from e2e.playbooks import playbook
-from fleet.faults import set_link
+from fleet.faults import power_off, set_link
 from fleet.host import Host
 from fleet.sim import Fleet
 
@@ -643,6 +643,35 @@ def test_frozen_server_is_restarted_by_the_watchdog_and_no_later_request_fails(f
     wait_until(lambda: time.time() > frozen_at + bound + 5 and served_more(),
                "load past the bound", deadline_s=120, interval=0.2)
     after = report_fault("server frozen (SIGSTOP)", stop(), frozen_at, bound, detected)
+    assert after and failures(after) == [], failures(after)[:3]
+
+
+def test_board_powered_off_under_load_boots_and_serves_again(fleet: Fleet, background_load) -> None:
+    board = fleet.board("board3")
+    bound = connect_detection_bound(fleet)
+    stop = background_load(concurrency=8)
+    wait_until(lambda: running(fleet, "board3") > 0, "load reaches board3", deadline_s=120, interval=0.2)
+    log_length = error_log_length(fleet)
+    off_at = time.time()
+    power_off(board)
+    try:
+        detected = wait_connect_error(fleet, "board3", log_length, off_at)
+        served_more = others_generate(fleet, "board3", 80)
+        wait_until(lambda: time.time() > off_at + bound + 5 and served_more(),
+                   "the fleet serves without board3", deadline_s=120, interval=0.2)
+        # While the board is gone: once it boots again, a refusal is its normal answer until it listens.
+        causes = connect_errors(fleet, "board3", log_length)
+    finally:
+        set_link(board, up=True)
+        fleet.start("board3")
+    print(f"nginx's errors reaching the powered-off board3: {sorted(set(causes))}, written off "
+          f"(max_fails): {written_off(fleet, 'board3', log_length)}")
+    assert causes and not any("refused" in cause for cause in causes), causes
+    wait_until(lambda: is_ready(fleet, "board3"), "board3 ready after boot", deadline_s=120, interval=0.2)
+    assert "table inet rkllm_fleet" in board.exec(["nft", "list", "tables"]).stdout
+    wait_until(lambda: generated(fleet, boards=("board3",))["board3"] > 0,
+               "board3 rejoins", deadline_s=120, interval=0.2)
+    after = report_fault("board powered off", stop(), off_at, bound, detected)
     assert after and failures(after) == [], failures(after)[:3]
 
 

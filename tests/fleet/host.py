@@ -186,12 +186,24 @@ class Host:
         return [hierarchy / CGROUP_PARENT / self.spec.machine for hierarchy in _cgroup_hierarchies()]
 
     def remove_cgroup(self) -> None:
-        """Remove the host's (empty) cgroup trees, deepest first; busy or missing dirs are left alone."""
-        for cgroup_dir in self.cgroup_dirs:
-            tree = [Path(root) for root, _dirs, _files in os.walk(cgroup_dir)]
-            for directory in sorted(tree, key=lambda path: len(path.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
+        """Remove the host's cgroup trees in every hierarchy, deepest first, waiting until they are gone.
+
+        A cgroup whose processes were just killed refuses rmdir (EBUSY) until the kernel has finished
+        with them, and not at the same moment in each hierarchy. A tree left in the unified hierarchy
+        but gone from name=systemd breaks the next boot: nspawn's mkdir of ".../payload" finds the
+        unified directory, so systemd skips creating the compat one and cannot attach the container
+        there ("Failed to attach ... to compat systemd cgroup ...: No such file or directory").
+        """
+        def removed() -> bool:
+            for cgroup_dir in self.cgroup_dirs:
+                tree = [Path(root) for root, _dirs, _files in os.walk(cgroup_dir)]
+                for directory in sorted(tree, key=lambda path: len(path.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+            return not any(cgroup_dir.exists() for cgroup_dir in self.cgroup_dirs)
+
+        wait_until(removed, f"{self.name}: its cgroups removed ({', '.join(map(str, self.cgroup_dirs))})",
+                   deadline_s=30, interval=0.05)
 
     def start(self) -> None:
         """Launch systemd-nspawn detached; wait_ready() completes the boot."""

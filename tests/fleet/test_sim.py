@@ -15,6 +15,7 @@ import yaml
 from tests.support import wait_until
 
 from .commands import SimError
+from .faults import power_off, set_link
 from .mirror import MirrorSources
 from .network import links_with_prefix, namespaces_with_prefix
 from .sim import Fleet, run_dir_for
@@ -213,6 +214,20 @@ def test_stopped_board_is_unreachable_until_started(fleet: Fleet) -> None:
     finally:
         fleet.start("board1")
     assert fleet.client_exec(ssh_board1).stdout == "board1\n"
+
+
+def test_a_powered_off_board_boots_again_every_time(fleet: Fleet) -> None:
+    """A power cut leaves the kernel finishing the killed processes; the next boot must not race it."""
+    board = fleet.board("board1")
+    for cut in range(5):
+        old_boot_id = board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+        power_off(board)
+        assert not board.is_running()
+        assert [path for path in board.cgroup_dirs if path.exists()] == [], f"power cut {cut}"
+        set_link(board, up=True)
+        fleet.start("board1")
+        new_boot_id = board.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+        assert new_boot_id != old_boot_id, f"power cut {cut}"
 
 
 def test_down_leaves_nothing_even_after_nspawn_was_killed(fleet: Fleet) -> None:
