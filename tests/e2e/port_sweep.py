@@ -118,9 +118,11 @@ def main() -> None:
     parser.add_argument("protocol", choices=["tcp", "udp"])
     parser.add_argument("addresses", nargs="+")
     parser.add_argument("--ports", default="1-65535")
-    parser.add_argument("--window", type=int, default=8192, help="probes in flight at once")
-    parser.add_argument("--timeout", type=float, default=2.5,
-                        help="seconds before an unanswered probe is silent (a SYN is resent after 1 s)")
+    parser.add_argument("--window", type=int, default=16384, help="probes in flight at once")
+    # On the simulator's veth links an answer takes microseconds; the margin is for a loaded machine
+    # (a SYN is resent after 1 s), and the last look before "silent" covers this process being late.
+    parser.add_argument("--timeout", type=float, default=1.5,
+                        help="seconds before an unanswered probe is silent")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.window + 64)), hard))
