@@ -25,10 +25,13 @@ lint: venv
 
 # The arm64 board image (about 5 minutes to build on a fresh machine) builds in the background while
 # the first tests run on amd64 fleets; tests/e2e/test_fleet_arm64.py waits for it on the cache's lock.
+# Two pytest-xdist workers, one module (or group of modules sharing a fleet) at a time each: see
+# tests/conftest.py. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: venv double
 	@mkdir -p build
 	@python3 -m tests.fleet.rootfs arm64-board >build/arm64-image.log 2>&1 & image=$$!; \
-	$(VENV)/bin/pytest -q --durations=15; status=$$?; \
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15; status=$$?; \
 	wait $$image || { echo "background arm64 image build failed:"; tail -n 20 build/arm64-image.log; }; \
 	exit $$status
 

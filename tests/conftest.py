@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,13 @@ def fakelib_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def double_build() -> Path:
-    """Build the test double (host and aarch64) once; returns the build directory."""
-    subprocess.run(["make", "-s", "-C", str(FAKELIB_DIR)], check=True, capture_output=True, text=True)
+    """Build the test double (host and aarch64) once; returns the build directory.
+
+    Each pytest-xdist worker asks; the lock keeps two makes from writing the same objects at once."""
+    DOUBLE_BUILD_DIR.mkdir(exist_ok=True)
+    with (DOUBLE_BUILD_DIR / ".double-build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["make", "-s", "-C", str(FAKELIB_DIR)], check=True, capture_output=True, text=True)
     return DOUBLE_BUILD_DIR
 
 
@@ -48,3 +54,45 @@ def double_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     log = tmp_path / "double.log"
     monkeypatch.setenv("RKLLM_DOUBLE_LOG", str(log))
     return log
+
+
+# `make test` runs two pytest-xdist workers (`--dist loadgroup`). A group runs whole on one worker, so
+# a module's fixtures (a booted fleet, a real nginx) are set up once; the modules that share the
+# amd64 fleet of tests/e2e/site_runs.py form one group. Workers take groups in collection order: the
+# longest go first so that the short ones fill the end, and a fleet's idle waits (drains, timeouts,
+# token-paced streams) overlap the other worker's CPU-bound work.
+SHARED_FLEET_MODULES = ("test_site_refusals.py", "test_driver_install.py")
+LONGEST_FIRST = ("test_deployment_commands.py", "test_fleet_balancer.py", "test_fleet_ops.py",
+                 "test_molecule.py", "test_fleet_ha.py", "test_site_refusals.py", "test_fleet_arm64.py")
+
+
+def _group(item: pytest.Item) -> str:
+    if item.path.name in SHARED_FLEET_MODULES:
+        return "shared-site-fleet"
+    return str(item.path.relative_to(REPO_ROOT))
+
+
+def _rank(item: pytest.Item) -> int:
+    name = "test_site_refusals.py" if item.path.name in SHARED_FLEET_MODULES else item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    # Stable: the order within a module, and the refusals-then-driver order, stay as they were.
+    items.sort(key=_rank)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What passing tests printed (their measurements), which a quiet run would otherwise drop."""
+    printed = [report for report in terminalreporter.stats.get("passed", [])
+               if report.when == "call" and report.capstdout.strip()]
+    if not printed:
+        return
+    terminalreporter.section("measured by passing tests")
+    for report in sorted(printed, key=lambda report: report.nodeid):
+        terminalreporter.write_line(report.nodeid)
+        for line in report.capstdout.strip().splitlines():
+            terminalreporter.write_line(f"    {line}")

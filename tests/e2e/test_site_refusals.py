@@ -118,14 +118,12 @@ def test_check_mode_passes_on_pristine_boards(site: SiteRunner, check_run: SiteR
     site.assert_pristine()
 
 
-def test_cold_run_provisions_and_second_run_changes_nothing(site: SiteRunner, cold_run: SiteRun,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cold_run_provisions_and_second_run_changes_nothing(site: SiteRunner, cold_run: SiteRun) -> None:
     assert cold_run.returncode == 0, cold_run.output[-6000:]
     assert all(cold_run.changed()[board] > 0 for board in GOOD_BOARDS), cold_run.changed()
     warm = site.run()
-    with capsys.disabled():
-        print(f"\n[amd64 fleet] cold site.yml on 3 boards: {cold_run.seconds:.0f} s; "
-              f"second run: {warm.seconds:.0f} s, changed {warm.changed()}")
+    print(f"[amd64 fleet] cold site.yml on 3 boards: {cold_run.seconds:.0f} s; "
+          f"second run: {warm.seconds:.0f} s, changed {warm.changed()}")
     assert warm.returncode == 0, warm.output[-6000:]
     assert set(warm.changed()) == set(GOOD_BOARDS)
     assert all(changed == 0 for changed in warm.changed().values()), warm.output[-6000:]
