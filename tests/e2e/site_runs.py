@@ -9,7 +9,6 @@ freshly booted fleet whenever an earlier module has provisioned the shared one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2e.fleets import fleet_prefix
 from fleet.sim import Fleet
 
 from tests.support import REPO_ROOT
@@ -112,7 +112,7 @@ class SharedSiteFleet:
             workdir.mkdir(parents=True)
             snapshot_server_source(workdir)
             fleet = Fleet.up(arch="amd64", boards=len(SHARED_BOARDS),
-                             prefix=f"es{os.getpid() % 0x10000:04x}{self.booted}",
+                             prefix=f"{fleet_prefix('es')}{self.booted}",
                              inventory_dir=workdir / "inventory", board_driver=SHARED_BOARD_DRIVER,
                              board_ram=SHARED_BOARD_RAM)
             self.current = SiteRunner(fleet, workdir)

@@ -33,7 +33,6 @@ Sections 3 and 14 boot their own small fleets (prefixes in that table); teardown
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -44,13 +43,13 @@ from pathlib import Path
 import pytest
 import yaml
 from component.deployment_doc import REPO_ROOT, Block, Command, Place, ShellBlock, blocks, shell_blocks
+from e2e.fleets import fleet_prefix
 from fleet.sim import Fleet, down
 from fleet.vendor_image import PASSWORD_LOGIN, VENDOR_USER
 
 # Each block is one test; the longest runs site.yml or a rolling update (~1 min on amd64 boards).
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
 
-PID_TAG = f"{os.getpid() % 0x10000:04x}"
 SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 APPLIED_SETTINGS = ("fleet_firewall_admin_networks", "nginx_lb_api_keys", "fleet_bootstrap_authorized_keys")
 # How the simulator's own inventory logs in (the vendor image's password): the operator's inventory
@@ -105,8 +104,8 @@ class OperatorSession:
         return {
             "inventory/production": str(self.production),
             "inventory/sim": str(self.workdir / "sim"),
-            "rfdoc": f"dr{PID_TAG}",  # section 3's rehearsal fleet
-            "rfold": f"do{PID_TAG}",  # section 14's old-driver fleet
+            "rfdoc": fleet_prefix("dr"),  # section 3's rehearsal fleet
+            "rfold": fleet_prefix("do"),  # section 14's old-driver fleet
             "192.168.50.11": boards[0].address,
             "192.168.50.12": boards[1].address,
             "192.168.50.13": boards[2].address,
@@ -260,14 +259,14 @@ RUNNABLE = [block for block in shell_blocks() if block.runnable]
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorSession]:
     workdir = tmp_path_factory.mktemp("deployment")
     started = time.monotonic()
-    fleet = Fleet.up(arch="amd64", boards=4, prefix=f"dd{PID_TAG}", inventory_dir=workdir / "fleet",
+    fleet = Fleet.up(arch="amd64", boards=4, prefix=fleet_prefix("dd"), inventory_dir=workdir / "fleet",
                      login=PASSWORD_LOGIN)
     operator = OperatorSession(fleet, workdir)
     print(f"\nfleet up in {time.monotonic() - started:.1f} s")
     try:
         yield operator
     finally:
-        for prefix in (f"dr{PID_TAG}", f"do{PID_TAG}"):
+        for prefix in (fleet_prefix("dr"), fleet_prefix("do")):
             down(prefix)
         fleet.down()
         total = sum(t.seconds for t in operator.timings)

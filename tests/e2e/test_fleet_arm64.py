@@ -15,7 +15,6 @@ so a task that changed on a second run would change on either arch.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e.fleets import booted_fleet
 from e2e.playbooks import playbook
 from fleet.sim import Fleet
 
@@ -46,13 +46,8 @@ def site_yml(fleet: Fleet) -> tuple[float, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    prefix = f"ea{os.getpid() % 0x10000:04x}"
-    inventory = tmp_path_factory.mktemp("arm64") / "inventory"
-    started = Fleet.up(arch="arm64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
-    try:
+    with booted_fleet(tmp_path_factory.mktemp("arm64"), "ea", arch="arm64", boards=len(BOARDS)) as started:
         yield started
-    finally:
-        started.down()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ board1 hosts Qwen2.5-1.5B-Instruct and DeepSeek-R1-Distill-Qwen-1.5B, board2 and
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e.fleets import booted_fleet
 from e2e.playbooks import playbook
 from fleet.faults import power_off, set_link
 from fleet.host import Host
@@ -38,10 +38,8 @@ StopLoad = Callable[[], list[dict[str, object]]]
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    prefix = f"eb{os.getpid() % 0x10000:04x}"
-    inventory = tmp_path_factory.mktemp("fleet") / "inventory"
-    started = Fleet.up(arch="amd64", boards=len(BOARDS), prefix=prefix, inventory_dir=inventory)
-    try:
+    with booted_fleet(tmp_path_factory.mktemp("fleet"), "eb", arch="amd64", boards=len(BOARDS)) as started:
+        inventory = started.inventory_path.parent
         (inventory / "host_vars").mkdir()
         # Two KV slots for Qwen: a board keeps a conversation's cache while it serves other requests.
         slots = f"rkllm_server_model_settings: {{{QWEN}: {{kv_slots: 2}}}}\n"
@@ -52,8 +50,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         playbook(started, "site.yml")
         playbook(started, "ansible/balancer.yml")
         yield started
-    finally:
-        started.down()
 
 
 @pytest.fixture(scope="module")

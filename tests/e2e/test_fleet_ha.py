@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from e2e.fleets import booted_fleet
 from e2e.playbooks import REPO_ROOT, playbook
 from fleet.faults import power_off, set_link
 from fleet.sim import Fleet
@@ -39,15 +40,10 @@ Records = list[dict[str, object]]
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    prefix = f"ha{time.time_ns() % 0x10000:04x}"
-    inventory = tmp_path_factory.mktemp("fleet") / "inventory"
-    started = Fleet.up(arch="amd64", boards=len(BOARDS), balancers=len(BALANCERS), prefix=prefix,
-                       inventory_dir=inventory)
-    try:
+    with booted_fleet(tmp_path_factory.mktemp("fleet"), "ha", arch="amd64", boards=len(BOARDS),
+                      balancers=len(BALANCERS)) as started:
         playbook(started, "site.yml")
         yield started
-    finally:
-        started.down()
 
 
 def url(address: str) -> str:

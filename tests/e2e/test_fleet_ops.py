@@ -22,7 +22,6 @@ import ipaddress
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ from component.monitoring_harness import (
     board_health,
     prometheus_api,
 )
+from e2e.fleets import booted_fleet
 from e2e.playbooks import playbook
 from fleet.host import Host
 from fleet.sim import Fleet
@@ -81,11 +81,9 @@ def controller_address(fleet: Fleet) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    prefix = f"op{os.getpid() % 0x10000:04x}"
-    inventory = tmp_path_factory.mktemp("fleet") / "inventory"
-    started = Fleet.up(arch="amd64", boards=3, prefix=prefix, inventory_dir=inventory,
-                       board_ram=["board2=8192", "board3=6144"])
-    try:
+    with booted_fleet(tmp_path_factory.mktemp("fleet"), "op", arch="amd64", boards=3,
+                      board_ram=["board2=8192", "board3=6144"]) as started:
+        inventory = started.inventory_path.parent
         for directory in ("group_vars", "host_vars"):
             (inventory / directory).mkdir()
         (inventory / "group_vars/rkllm_boards.yml").write_text(CATALOG)
@@ -98,8 +96,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         playbook(started, "site.yml")
         playbook(started, "ansible/balancer.yml")
         yield started
-    finally:
-        started.down()
 
 
 @pytest.fixture(scope="module")
