@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from tests.support import REPO_ROOT
-from tests.unit.balancer_harness import (
+from tests.component.balancer_harness import (
     Board,
     BoardModel,
     RenderedBalancer,

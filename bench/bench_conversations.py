@@ -40,7 +40,7 @@ import httpx
 
 from bench.bench_balancer import TMPFS
 from tests.support import REPO_ROOT
-from tests.unit.balancer_harness import (
+from tests.component.balancer_harness import (
     BoardModel,
     access_log,
     render_balancers,
