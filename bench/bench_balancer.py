@@ -27,7 +27,6 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import REPO_ROOT
 from tests.component.balancer_harness import (
     Board,
     BoardModel,
@@ -36,6 +35,7 @@ from tests.component.balancer_harness import (
     running_boards,
     running_nginx,
 )
+from tests.support import REPO_ROOT
 
 TOKENS_PER_SECOND = 16.0
 TOKENS_PER_REQUEST = 32  # 2 s of decoding per request at 16 tok/s

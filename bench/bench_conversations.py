@@ -39,7 +39,6 @@ from pathlib import Path
 import httpx
 
 from bench.bench_balancer import TMPFS
-from tests.support import REPO_ROOT
 from tests.component.balancer_harness import (
     BoardModel,
     access_log,
@@ -47,6 +46,7 @@ from tests.component.balancer_harness import (
     running_boards,
     running_nginx,
 )
+from tests.support import REPO_ROOT
 
 TURNS = 8
 REPLY_TOKENS = 6
