@@ -31,7 +31,7 @@ TEST_WORKERS ?= 2
 test: venv double
 	@mkdir -p build
 	@python3 -m tests.fleet.rootfs arm64-board >build/arm64-image.log 2>&1 & image=$$!; \
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15; status=$$?; \
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --durations=15; status=$$?; \
 	wait $$image || { echo "background arm64 image build failed:"; tail -n 20 build/arm64-image.log; }; \
 	exit $$status
 

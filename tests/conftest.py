@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fake_models import write_model
+from xdist.scheduler import LoadScopeScheduling
 
 from tests.support import REPO_ROOT
 
@@ -56,20 +57,28 @@ def double_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return log
 
 
-# `make test` runs two pytest-xdist workers (`--dist loadgroup`). A group runs whole on one worker, so
-# a module's fixtures (a booted fleet, a real nginx) are set up once; the modules that share the
-# amd64 fleet of tests/e2e/site_runs.py form one group. Workers take groups in collection order: the
-# longest go first so that the short ones fill the end, and a fleet's idle waits (drains, timeouts,
-# token-paced streams) overlap the other worker's CPU-bound work.
+# `make test` runs two pytest-xdist workers. A module runs whole on one worker, so its fixtures (a
+# booted fleet, a real nginx) are set up once; the modules that share the amd64 fleet of
+# tests/e2e/site_runs.py count as one. Workers take modules in collection order: the longest go first
+# so that the short ones fill the end, and a fleet's idle waits (drains, timeouts, token-paced
+# streams) overlap the other worker's CPU-bound work.
 SHARED_FLEET_MODULES = ("test_site_refusals.py", "test_driver_install.py")
 LONGEST_FIRST = ("test_deployment_commands.py", "test_fleet_balancer.py", "test_fleet_ops.py",
                  "test_molecule.py", "test_fleet_ha.py", "test_site_refusals.py", "test_fleet_arm64.py")
 
 
-def _group(item: pytest.Item) -> str:
-    if item.path.name in SHARED_FLEET_MODULES:
-        return "shared-site-fleet"
-    return str(item.path.relative_to(REPO_ROOT))
+def _module_unit(module_path: str) -> str:
+    """What runs whole on one worker: the module, or the group of modules sharing a fleet."""
+    return "shared-site-fleet" if Path(module_path).name in SHARED_FLEET_MODULES else module_path
+
+
+class ModuleScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+        return _module_unit(nodeid.split("::", 1)[0])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> ModuleScheduling:
+    return ModuleScheduling(config, log)
 
 
 def _rank(item: pytest.Item) -> int:
@@ -77,10 +86,7 @@ def _rank(item: pytest.Item) -> int:
     return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
-@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
     # Stable: the order within a module, and the refusals-then-driver order, stay as they were.
     items.sort(key=_rank)
 
