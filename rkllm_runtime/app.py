@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from rkllm_runtime.api import embeddings, ollama, ollama_admin, openai, responses
+from rkllm_runtime.api.documented import DocumentedApp
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
@@ -53,12 +54,13 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
         watching.cancel()
         await scheduler.close()
 
-    app = FastAPI(
+    app = DocumentedApp(
         title="rkllm-runtime",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",  # request bodies: rkllm_runtime/api/body.py json_body
+        # Request bodies: rkllm_runtime/api/body.py json_body; answers: rkllm_runtime/api/documented.py.
+        openapi_url="/openapi.json",
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
     # The failing request's model is unknown here; the error-ratio alert only sums per board.

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.body import json_body, read_json
-from rkllm_runtime.api.errors import bad_request
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
+from rkllm_runtime.api.errors import bad_request, ollama_error
 from rkllm_runtime.api.generation import (
     Generation,
     collect_whole,
@@ -25,6 +26,23 @@ from rkllm_runtime.api.generation import (
     run_error,
     run_generation,
     start_generation,
+)
+from rkllm_runtime.api.ollama_shapes import (
+    OllamaChatDone,
+    OllamaChatLine,
+    OllamaChatLoaded,
+    OllamaChatMessage,
+    OllamaGenerateDone,
+    OllamaGenerateLine,
+    OllamaGenerateLoaded,
+    OllamaLoadedModel,
+    OllamaModel,
+    OllamaModelDetails,
+    OllamaRunning,
+    OllamaRunStats,
+    OllamaShow,
+    OllamaTags,
+    OllamaVersion,
 )
 from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
 from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of, until_disconnect
@@ -154,7 +172,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _details(model: ModelConfig) -> dict[str, Any]:
+def _details(model: ModelConfig) -> OllamaModelDetails:
     family = model.name.split("-")[0].lower()
     size = _PARAMETER_SIZE.search(model.name)
     return {
@@ -175,7 +193,7 @@ def _file_facts(model: ModelConfig) -> tuple[int, str]:
     return stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _model_entry(model: ModelConfig) -> dict[str, Any]:
+def _model_entry(model: ModelConfig) -> OllamaModel:
     size, modified = _file_facts(model)
     return {
         "name": model.name,
@@ -187,20 +205,20 @@ def _model_entry(model: ModelConfig) -> dict[str, Any]:
     }
 
 
-@router.get("/version")
-async def version() -> dict[str, str]:
+@router.get("/version", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaVersion))
+async def version() -> OllamaVersion:
     return {"version": OLLAMA_VERSION, "rkllm_runtime": metadata.version("rkllm-runtime")}
 
 
-@router.get("/tags")
-async def tags(request: Request) -> dict[str, Any]:
+@router.get("/tags", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaTags))
+async def tags(request: Request) -> OllamaTags:
     models = scheduler_of(request).config.models
     return {"models": [_auto_entry(), *(_model_entry(m) for m in models)]}
 
 
-def _auto_entry() -> dict[str, Any]:
+def _auto_entry() -> OllamaModel:
     """Listed so that clients validating a name against /api/tags accept it (langchain-ollama)."""
-    details = {
+    details: OllamaModelDetails = {
         "parent_model": "",
         "format": "rkllm",
         "family": AUTO_MODEL,
@@ -218,26 +236,31 @@ def _auto_entry() -> dict[str, Any]:
     }
 
 
-@router.get("/ps")
-async def ps(request: Request) -> dict[str, Any]:
+@router.get("/ps", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaRunning))
+async def ps(request: Request) -> OllamaRunning:
     scheduler = scheduler_of(request)
-    entries = []
+    entries: list[OllamaLoadedModel] = []
     for loaded in scheduler.loaded_models():
-        entry = _model_entry(loaded)
         # Each KV slot is a handle holding its own copy of the weights in NPU memory.
         memory = footprint_mb(loaded) << 20
-        entry.update(
-            expires_at="9999-12-31T23:59:59Z",
-            size=memory,
-            size_vram=memory,
-            context_length=loaded.context_length,
-        )
+        entry: OllamaLoadedModel = {
+            **_model_entry(loaded),
+            "size": memory,
+            "expires_at": "9999-12-31T23:59:59Z",
+            "size_vram": memory,
+            "context_length": loaded.context_length,
+        }
         entries.append(entry)
     return {"models": entries}
 
 
-@router.post("/show", openapi_extra=json_body(ShowRequest))
-async def show(request: Request) -> dict[str, Any]:
+@router.post(
+    "/show",
+    response_model=None,
+    openapi_extra=json_body(ShowRequest),
+    responses=RESPONSE_SHAPES.answer(OllamaShow),
+)
+async def show(request: Request) -> OllamaShow:
     body = await read_json(request, ShowRequest)
     config = scheduler_of(request).config
     model = resolve_model(config, body.model or body.name or "", None, "")
@@ -260,7 +283,16 @@ async def show(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/generate", response_model=None, openapi_extra=json_body(GenerateRequest))
+@router.post(
+    "/generate",
+    response_model=None,
+    openapi_extra=json_body(GenerateRequest),
+    responses=RESPONSE_SHAPES.answer(
+        (OllamaGenerateDone, OllamaGenerateLoaded),
+        (OllamaGenerateLine, OllamaGenerateDone),
+        "application/x-ndjson",
+    ),
+)
 async def generate(request: Request) -> Response:
     body = await read_json(request, GenerateRequest)
     scheduler = scheduler_of(request)
@@ -284,7 +316,14 @@ async def generate(request: Request) -> Response:
     return await _respond(request, config, job, model, body, headers, tools=False, chat=False)
 
 
-@router.post("/chat", response_model=None, openapi_extra=json_body(ChatRequest))
+@router.post(
+    "/chat",
+    response_model=None,
+    openapi_extra=json_body(ChatRequest),
+    responses=RESPONSE_SHAPES.answer(
+        (OllamaChatDone, OllamaChatLoaded), (OllamaChatLine, OllamaChatDone), "application/x-ndjson"
+    ),
+)
 async def chat(request: Request) -> Response:
     body = await read_json(request, ChatRequest)
     scheduler = scheduler_of(request)
@@ -323,7 +362,7 @@ def _message(message: ChatMessageIn, index: int) -> Message:
 
 async def _load_or_unload(
     request: Request, model: ModelConfig, keep_alive: float | str | None, chat: bool = False
-) -> dict[str, Any]:
+) -> OllamaChatLoaded | OllamaGenerateLoaded:
     """Ollama's convention: an empty prompt loads the model, with keep_alive 0 it unloads it.
 
     Both wait for the model's turn, so a running generation is never cut off.
@@ -341,17 +380,18 @@ async def _load_or_unload(
             await scheduler.load(ticket, model.name)
     finally:
         ticket.release()
-    body: dict[str, Any] = {
-        "model": model.name,
-        "created_at": _now(),
-        "done": True,
-        "done_reason": "unload" if unload else "load",
-    }
+    reason: Literal["load", "unload"] = "unload" if unload else "load"
     if chat:
-        body["message"] = {"role": "assistant", "content": ""}
-    else:
-        body["response"] = ""
-    return body
+        message: OllamaChatMessage = {"role": "assistant", "content": ""}
+        chat_loaded: OllamaChatLoaded = {
+            "model": model.name,
+            "created_at": _now(),
+            "message": message,
+            "done": True,
+            "done_reason": reason,
+        }
+        return chat_loaded
+    return {"model": model.name, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
 
 
 async def _respond(
@@ -374,37 +414,51 @@ async def _respond(
     return JSONResponse(_final(generation, outcome, job, chat, total), headers=headers)
 
 
-def _piece(model: str, delta: Delta, chat: bool) -> dict[str, Any]:
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": delta.content}
-        if delta.reasoning:
-            message["thinking"] = delta.reasoning
-        if delta.tool_calls:
-            message["tool_calls"] = [
-                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in delta.tool_calls
-            ]
-        return {"model": model, "created_at": _now(), "message": message, "done": False}
-    piece: dict[str, Any] = {"model": model, "created_at": _now(), "response": delta.content, "done": False}
+def _piece(model: str, delta: Delta, chat: bool) -> OllamaChatLine | OllamaGenerateLine:
+    return _chat_line(model, delta) if chat else _generate_line(model, delta)
+
+
+def _generate_line(model: str, delta: Delta) -> OllamaGenerateLine:
+    line: OllamaGenerateLine = {
+        "model": model,
+        "created_at": _now(),
+        "response": delta.content,
+        "done": False,
+    }
     if delta.reasoning:
-        piece["thinking"] = delta.reasoning
-    return piece
+        line["thinking"] = delta.reasoning
+    return line
+
+
+def _chat_line(model: str, delta: Delta) -> OllamaChatLine:
+    message: OllamaChatMessage = {"role": "assistant", "content": delta.content}
+    if delta.reasoning:
+        message["thinking"] = delta.reasoning
+    if delta.tool_calls:
+        message["tool_calls"] = [
+            {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in delta.tool_calls
+        ]
+    return {"model": model, "created_at": _now(), "message": message, "done": False}
 
 
 def _final(
     generation: Generation, outcome: Outcome, job: Job, chat: bool, total: Delta | None = None
-) -> dict[str, Any]:
-    body = _piece(generation.model, total or Delta(), chat)
-    body.update(
-        done=True,
-        done_reason="length" if outcome.finish_reason == "length" else "stop",
-        total_duration=int((time.monotonic() - job.arrived) * NS),
-        load_duration=int(generation.load_seconds * NS),
-        prompt_eval_count=outcome.prompt_tokens - outcome.cached_tokens,
-        prompt_eval_duration=int(outcome.prefill_seconds * NS),
-        eval_count=outcome.completion_tokens,
-        eval_duration=int(outcome.generate_seconds * NS),
-    )
-    return body
+) -> OllamaChatDone | OllamaGenerateDone:
+    stats: OllamaRunStats = {
+        "done_reason": "length" if outcome.finish_reason == "length" else "stop",
+        "total_duration": int((time.monotonic() - job.arrived) * NS),
+        "load_duration": int(generation.load_seconds * NS),
+        "prompt_eval_count": outcome.prompt_tokens - outcome.cached_tokens,
+        "prompt_eval_duration": int(outcome.prefill_seconds * NS),
+        "eval_count": outcome.completion_tokens,
+        "eval_duration": int(outcome.generate_seconds * NS),
+    }
+    total = total or Delta()
+    if chat:
+        chat_done: OllamaChatDone = {**_chat_line(generation.model, total), **stats, "done": True}
+        return chat_done
+    generate_done: OllamaGenerateDone = {**_generate_line(generation.model, total), **stats, "done": True}
+    return generate_done
 
 
 async def _ndjson(
@@ -418,4 +472,4 @@ async def _ndjson(
                 else:
                     yield (dumps(_piece(generation.model, item, chat)) + "\n").encode()
     except RkllmError as exc:
-        yield (dumps({"error": run_error(exc).message}) + "\n").encode()
+        yield (dumps(ollama_error(run_error(exc))) + "\n").encode()
