@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import ApiError, bad_request
 from rkllm_runtime.api.generation import Generation, collect_whole, run_error, run_generation
 from rkllm_runtime.api.openai import ChatTurn, start_turn
@@ -33,6 +34,31 @@ from rkllm_runtime.api.request_fields import (
     ToolSpec,
     refuse_structured_output,
     reject_unsupported,
+)
+from rkllm_runtime.api.responses_shapes import (
+    ContentPartEvent,
+    FunctionCallArgumentsDeltaEvent,
+    FunctionCallArgumentsDoneEvent,
+    FunctionCallItem,
+    IncompleteDetails,
+    ItemStatus,
+    LifecycleKind,
+    MessageItem,
+    OutputItem,
+    OutputItemEvent,
+    OutputText,
+    OutputTextDeltaEvent,
+    OutputTextDoneEvent,
+    ReasoningItem,
+    ReasoningText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
+    ResponseError,
+    ResponseLifecycleEvent,
+    ResponseObject,
+    ResponseStatus,
+    ResponseStreamEvent,
+    ResponseUsage,
 )
 from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.errors import RkllmError
@@ -218,7 +244,12 @@ def _text(content: str | list[InputPart] | None, where: str) -> str:
     return "".join(texts)
 
 
-@router.post("/responses", response_model=None, openapi_extra=json_body(ResponsesRequest))
+@router.post(
+    "/responses",
+    response_model=None,
+    openapi_extra=json_body(ResponsesRequest),
+    responses=RESPONSE_SHAPES.answer(ResponseObject, get_args(ResponseStreamEvent), "text/event-stream"),
+)
 async def create_response(request: Request) -> Response:
     body = await read_json(request, ResponsesRequest)
     body.refuse_unsupported()
@@ -284,7 +315,14 @@ class _Echo:
             model.bytes_per_token,
         )
 
-    def response(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    def response(
+        self,
+        status: ResponseStatus,
+        output: list[OutputItem],
+        usage: ResponseUsage | None = None,
+        incomplete_details: IncompleteDetails | None = None,
+        error: ResponseError | None = None,
+    ) -> ResponseObject:
         body = self.body
         effort = body.reasoning.effort if body.reasoning else None
         return {
@@ -292,8 +330,8 @@ class _Echo:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "error": None,
-            "incomplete_details": None,
+            "error": error,
+            "incomplete_details": incomplete_details,
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
             "model": self.model,
@@ -310,14 +348,13 @@ class _Echo:
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_p": self.top_p,
             "truncation": "disabled",
-            "usage": None,
+            "usage": usage,
             "metadata": body.metadata or {},
-            **fields,
         }
 
-    def finished(self, items: OutputItems, outcome: Outcome) -> dict[str, Any]:
+    def finished(self, items: OutputItems, outcome: Outcome) -> ResponseObject:
         reasoning = min(outcome.completion_tokens, math.ceil(items.reasoning_bytes / self.bytes_per_token))
-        usage = {
+        usage: ResponseUsage = {
             "input_tokens": outcome.prompt_tokens,
             "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
             "output_tokens": outcome.completion_tokens,
@@ -325,9 +362,8 @@ class _Echo:
             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
         }
         if outcome.finish_reason == "length":
-            return self.response(
-                "incomplete", items.items, usage=usage, incomplete_details={"reason": "max_output_tokens"}
-            )
+            cut: IncompleteDetails = {"reason": "max_output_tokens"}
+            return self.response("incomplete", items.items, usage=usage, incomplete_details=cut)
         return self.response("completed", items.items, usage=usage)
 
 
@@ -339,18 +375,22 @@ class OutputItems:
     """
 
     def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
+        self.items: list[OutputItem] = []
         self.reasoning_bytes = 0
-        self._open: dict[str, Any] | None = None
+        self._open: MessageItem | ReasoningItem | None = None
         self._text = ""
         self._sequence = 0
 
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self._sequence, **fields}
+    def _next(self) -> int:
+        """The next event's sequence_number: every event of a stream is numbered in order from 0."""
+        number = self._sequence
         self._sequence += 1
-        return event
+        return number
 
-    def feed(self, delta: Delta) -> list[dict[str, Any]]:
+    def lifecycle(self, kind: LifecycleKind, response: ResponseObject) -> ResponseLifecycleEvent:
+        return {"type": kind, "sequence_number": self._next(), "response": response}
+
+    def feed(self, delta: Delta) -> list[ResponseStreamEvent]:
         events = []
         if delta.reasoning:
             self.reasoning_bytes += len(delta.reasoning.encode())
@@ -362,57 +402,127 @@ class OutputItems:
             events += self._function_call(call)
         return events
 
-    def finish(self, outcome: Outcome) -> list[dict[str, Any]]:
+    def finish(self, outcome: Outcome) -> list[ResponseStreamEvent]:
         events = [] if self.items else self._open_item("message")
         return events + self._close("incomplete" if outcome.finish_reason == "length" else "completed")
 
-    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
+    def _append(self, kind: Literal["message", "reasoning"], text: str) -> list[ResponseStreamEvent]:
         events = []
         if self._open is None or self._open["type"] != kind:
             events = self._close("completed") + self._open_item(kind)
-        assert self._open is not None
+        item = self._open
+        assert item is not None
         self._text += text
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
-        return [*events, self.event(name, **self._where(), content_index=0, delta=text, **extra)]
-
-    def _open_item(self, kind: str) -> list[dict[str, Any]]:
-        if kind == "message":
-            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "content": []}
+        index = len(self.items) - 1
+        delta: OutputTextDeltaEvent | ReasoningTextDeltaEvent
+        if item["type"] == "message":
+            delta = {
+                "type": "response.output_text.delta",
+                "sequence_number": self._next(),
+                "item_id": item["id"],
+                "output_index": index,
+                "content_index": 0,
+                "delta": text,
+                "logprobs": [],
+            }
         else:
-            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "content": []}
-        item["status"] = "in_progress"
+            delta = {
+                "type": "response.reasoning_text.delta",
+                "sequence_number": self._next(),
+                "item_id": item["id"],
+                "output_index": index,
+                "content_index": 0,
+                "delta": text,
+            }
+        return [*events, delta]
+
+    def _open_item(self, kind: Literal["message", "reasoning"]) -> list[ResponseStreamEvent]:
+        item: MessageItem | ReasoningItem
+        if kind == "message":
+            item = {
+                "id": f"msg_{uuid.uuid4().hex}",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "status": "in_progress",
+            }
+        else:
+            item = {
+                "id": f"rs_{uuid.uuid4().hex}",
+                "type": "reasoning",
+                "summary": [],
+                "content": [],
+                "status": "in_progress",
+            }
         self._open, self._text = item, ""
         self.items.append(item)
-        return [
-            self.event("response.output_item.added", output_index=len(self.items) - 1, item=dict(item)),
-            self.event(
-                "response.content_part.added", **self._where(), content_index=0, part=self._part(kind, "")
-            ),
-        ]
+        index = len(self.items) - 1
+        added: OutputItemEvent = {
+            "type": "response.output_item.added",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": item.copy(),
+        }
+        part: ContentPartEvent = {
+            "type": "response.content_part.added",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "content_index": 0,
+            "part": _output_text("") if kind == "message" else _reasoning_text(""),
+        }
+        return [added, part]
 
-    def _close(self, status: str) -> list[dict[str, Any]]:
+    def _close(self, status: ItemStatus) -> list[ResponseStreamEvent]:
         item = self._open
         if item is None:
             return []
         self._open = None
-        kind, part = item["type"], self._part(item["type"], self._text)
-        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
-        if kind == "message":
-            done = self.event(
-                "response.output_text.done", **where, content_index=0, text=self._text, logprobs=[]
-            )
+        index, text = len(self.items) - 1, self._text
+        done: OutputTextDoneEvent | ReasoningTextDoneEvent
+        part: OutputText | ReasoningText
+        if item["type"] == "message":
+            part = _output_text(text)
+            done = {
+                "type": "response.output_text.done",
+                "sequence_number": self._next(),
+                "item_id": item["id"],
+                "output_index": index,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            }
+            item["content"] = [part]
         else:
-            done = self.event("response.reasoning_text.done", **where, content_index=0, text=self._text)
-        item.update(content=[part], status=status)
-        return [
-            done,
-            self.event("response.content_part.done", **where, content_index=0, part=part),
-            self.event("response.output_item.done", output_index=where["output_index"], item=item),
-        ]
+            part = _reasoning_text(text)
+            done = {
+                "type": "response.reasoning_text.done",
+                "sequence_number": self._next(),
+                "item_id": item["id"],
+                "output_index": index,
+                "content_index": 0,
+                "text": text,
+            }
+            item["content"] = [part]
+        item["status"] = status
+        part_done: ContentPartEvent = {
+            "type": "response.content_part.done",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "content_index": 0,
+            "part": part,
+        }
+        item_done: OutputItemEvent = {
+            "type": "response.output_item.done",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": item,
+        }
+        return [done, part_done, item_done]
 
-    def _function_call(self, call: ToolCall) -> list[dict[str, Any]]:
-        item = {
+    def _function_call(self, call: ToolCall) -> list[ResponseStreamEvent]:
+        item: FunctionCallItem = {
             "id": f"fc_{uuid.uuid4().hex}",
             "type": "function_call",
             "status": "in_progress",
@@ -421,36 +531,54 @@ class OutputItems:
             "arguments": "",
         }
         self.items.append(item)
-        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
-        added = self.event("response.output_item.added", output_index=where["output_index"], item=dict(item))
-        item.update(arguments=call.arguments, status="completed")
-        return [
-            added,
-            self.event("response.function_call_arguments.delta", **where, delta=call.arguments),
-            self.event("response.function_call_arguments.done", **where, arguments=call.arguments),
-            self.event("response.output_item.done", output_index=where["output_index"], item=item),
-        ]
+        index = len(self.items) - 1
+        added: OutputItemEvent = {
+            "type": "response.output_item.added",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": item.copy(),
+        }
+        item["arguments"], item["status"] = call.arguments, "completed"
+        arguments: FunctionCallArgumentsDeltaEvent = {
+            "type": "response.function_call_arguments.delta",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "delta": call.arguments,
+        }
+        arguments_done: FunctionCallArgumentsDoneEvent = {
+            "type": "response.function_call_arguments.done",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "arguments": call.arguments,
+        }
+        item_done: OutputItemEvent = {
+            "type": "response.output_item.done",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": item,
+        }
+        return [added, arguments, arguments_done, item_done]
 
-    def _where(self) -> dict[str, Any]:
-        assert self._open is not None
-        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
 
-    @staticmethod
-    def _part(kind: str, text: str) -> dict[str, Any]:
-        if kind == "message":
-            return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        return {"type": "reasoning_text", "text": text}
+def _output_text(text: str) -> OutputText:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _sse(event: dict[str, Any]) -> bytes:
+def _reasoning_text(text: str) -> ReasoningText:
+    return {"type": "reasoning_text", "text": text}
+
+
+def _sse(event: ResponseStreamEvent) -> bytes:
     return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
 
 
 async def _stream(
     generation: Generation, output: OutputAssembler, items: OutputItems, echo: _Echo
 ) -> AsyncGenerator[bytes, None]:
-    yield _sse(items.event("response.created", response=echo.response("in_progress", [])))
-    yield _sse(items.event("response.in_progress", response=echo.response("in_progress", [])))
+    yield _sse(items.lifecycle("response.created", echo.response("in_progress", [])))
+    yield _sse(items.lifecycle("response.in_progress", echo.response("in_progress", [])))
     try:
         async with aclosing(run_generation(generation, output)) as produced:
             async for piece in produced:
@@ -458,12 +586,14 @@ async def _stream(
                     for event in items.finish(piece):
                         yield _sse(event)
                     final = echo.finished(items, piece)
-                    kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-                    yield _sse(items.event(kind, response=final))
+                    kind: LifecycleKind = (
+                        "response.completed" if final["status"] == "completed" else "response.incomplete"
+                    )
+                    yield _sse(items.lifecycle(kind, final))
                 else:
                     for event in items.feed(piece):
                         yield _sse(event)
     except RkllmError as exc:
-        error = {"code": "server_error", "message": run_error(exc).message}
+        error: ResponseError = {"code": "server_error", "message": run_error(exc).message}
         failed = echo.response("failed", items.items, error=error)
-        yield _sse(items.event("response.failed", response=failed))
+        yield _sse(items.lifecycle("response.failed", failed))

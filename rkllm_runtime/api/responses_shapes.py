@@ -90,11 +90,16 @@ class TextSettings(TypedDict):
     format: TextFormatSetting
 
 
-class Response(TypedDict):
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
+
+
+class ResponseObject(TypedDict):
+    """A Response, as OpenAI's Responses API returns it (whole, or inside lifecycle events)."""
+
     id: str
     object: Literal["response"]
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: ResponseStatus
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     instructions: str | None
@@ -115,16 +120,19 @@ class Response(TypedDict):
     metadata: dict[str, Any]
 
 
+LifecycleKind = Literal[
+    "response.created",
+    "response.in_progress",
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+]
+
+
 class ResponseLifecycleEvent(TypedDict):
-    type: Literal[
-        "response.created",
-        "response.in_progress",
-        "response.completed",
-        "response.incomplete",
-        "response.failed",
-    ]
+    type: LifecycleKind
     sequence_number: int
-    response: Response
+    response: ResponseObject
 
 
 class OutputItemEvent(TypedDict):
