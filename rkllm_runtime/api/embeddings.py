@@ -20,6 +20,7 @@ from rkllm_runtime.api.body import json_body, read_json
 from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import bad_request, domain_error
 from rkllm_runtime.api.generation import run_error
+from rkllm_runtime.api.ollama_answer import NS
 from rkllm_runtime.api.ollama_shapes import OllamaEmbed, OllamaEmbedding
 from rkllm_runtime.api.openai_shapes import OpenAIEmbeddingList
 from rkllm_runtime.api.plumbing import dumps, scheduler_of, until_disconnect
@@ -39,7 +40,6 @@ router = APIRouter()
 
 # OpenAI's own limit on inputs per request.
 MAX_EMBEDDING_INPUTS = 2048
-NS = 1_000_000_000
 
 
 class _Request(BaseModel):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -27,24 +24,28 @@ from rkllm_runtime.api.generation import (
     run_generation,
     start_generation,
 )
+from rkllm_runtime.api.ollama_answer import (
+    auto_entry,
+    final_line,
+    loaded_reply,
+    model_details,
+    model_entry,
+    progress_line,
+)
 from rkllm_runtime.api.ollama_shapes import (
     OllamaChatDone,
     OllamaChatLine,
     OllamaChatLoaded,
-    OllamaChatMessage,
     OllamaGenerateDone,
     OllamaGenerateLine,
     OllamaGenerateLoaded,
     OllamaLoadedModel,
-    OllamaModel,
-    OllamaModelDetails,
     OllamaRunning,
-    OllamaRunStats,
     OllamaShow,
     OllamaTags,
     OllamaVersion,
 )
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.output import Outcome, OutputAssembler
 from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of, until_disconnect
 from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
@@ -59,16 +60,14 @@ from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import footprint_mb
-from rkllm_runtime.routing import AUTO_MODEL, resolve_model
+from rkllm_runtime.routing import resolve_model
 from rkllm_runtime.scheduler import Job
 
 router = APIRouter(prefix="/api")
 
-NS = 1_000_000_000
 # What /api/version reports: clients gate features on Ollama's version, and 0.9.0 is the first with
 # the `think` field (tools in streams came in 0.8), both of which this server implements.
 OLLAMA_VERSION = "0.9.0"
-_PARAMETER_SIZE = re.compile(r"(\d+(?:\.\d+)?[BM])\b")
 
 
 class _Request(BaseModel):
@@ -168,43 +167,6 @@ class ShowRequest(_Request):
     name: str | None = None
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _details(model: ModelConfig) -> OllamaModelDetails:
-    family = model.name.split("-")[0].lower()
-    size = _PARAMETER_SIZE.search(model.name)
-    return {
-        "parent_model": "",
-        "format": "rkllm",
-        "family": family,
-        "families": [family],
-        "parameter_size": size.group(1) if size else "",
-        "quantization_level": "W8A8",  # the only RKLLM quantisation the RK3588 NPU runs
-    }
-
-
-def _file_facts(model: ModelConfig) -> tuple[int, str]:
-    try:
-        stat = Path(model.path).stat()
-    except OSError:
-        return 0, _now()
-    return stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
-
-
-def _model_entry(model: ModelConfig) -> OllamaModel:
-    size, modified = _file_facts(model)
-    return {
-        "name": model.name,
-        "model": model.name,
-        "modified_at": modified,
-        "size": size,
-        "digest": model.sha256,
-        "details": _details(model),
-    }
-
-
 @router.get("/version", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaVersion))
 async def version() -> OllamaVersion:
     return {"version": OLLAMA_VERSION, "rkllm_runtime": metadata.version("rkllm-runtime")}
@@ -213,27 +175,7 @@ async def version() -> OllamaVersion:
 @router.get("/tags", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaTags))
 async def tags(request: Request) -> OllamaTags:
     models = scheduler_of(request).config.models
-    return {"models": [_auto_entry(), *(_model_entry(m) for m in models)]}
-
-
-def _auto_entry() -> OllamaModel:
-    """Listed so that clients validating a name against /api/tags accept it (langchain-ollama)."""
-    details: OllamaModelDetails = {
-        "parent_model": "",
-        "format": "rkllm",
-        "family": AUTO_MODEL,
-        "families": [AUTO_MODEL],
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-    return {
-        "name": AUTO_MODEL,
-        "model": AUTO_MODEL,
-        "modified_at": _now(),
-        "size": 0,
-        "digest": "",
-        "details": details,
-    }
+    return {"models": [auto_entry(), *(model_entry(m) for m in models)]}
 
 
 @router.get("/ps", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaRunning))
@@ -244,7 +186,7 @@ async def ps(request: Request) -> OllamaRunning:
         # Each KV slot is a handle holding its own copy of the weights in NPU memory.
         memory = footprint_mb(loaded) << 20
         entry: OllamaLoadedModel = {
-            **_model_entry(loaded),
+            **model_entry(loaded),
             "size": memory,
             "expires_at": "9999-12-31T23:59:59Z",
             "size_vram": memory,
@@ -277,7 +219,7 @@ async def show(request: Request) -> OllamaShow:
         "modelfile": f"FROM {model.name}\n",
         "parameters": parameters,
         "template": model.template,
-        "details": _details(model),
+        "details": model_details(model),
         "capabilities": capabilities,
         "model_info": {"general.architecture": "rkllm", "rkllm.context_length": model.context_length},
     }
@@ -380,18 +322,7 @@ async def _load_or_unload(
             await scheduler.load(ticket, model.name)
     finally:
         ticket.release()
-    reason: Literal["load", "unload"] = "unload" if unload else "load"
-    if chat:
-        message: OllamaChatMessage = {"role": "assistant", "content": ""}
-        chat_loaded: OllamaChatLoaded = {
-            "model": model.name,
-            "created_at": _now(),
-            "message": message,
-            "done": True,
-            "done_reason": reason,
-        }
-        return chat_loaded
-    return {"model": model.name, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
+    return loaded_reply(model.name, "unload" if unload else "load", chat)
 
 
 async def _respond(
@@ -411,54 +342,7 @@ async def _respond(
         lines = _ndjson(generation, output, job, chat)
         return GuardedStream(lines, generation, media_type="application/x-ndjson", headers=headers)
     total, outcome = await collect_whole(request, generation, output)
-    return JSONResponse(_final(generation, outcome, job, chat, total), headers=headers)
-
-
-def _piece(model: str, delta: Delta, chat: bool) -> OllamaChatLine | OllamaGenerateLine:
-    return _chat_line(model, delta) if chat else _generate_line(model, delta)
-
-
-def _generate_line(model: str, delta: Delta) -> OllamaGenerateLine:
-    line: OllamaGenerateLine = {
-        "model": model,
-        "created_at": _now(),
-        "response": delta.content,
-        "done": False,
-    }
-    if delta.reasoning:
-        line["thinking"] = delta.reasoning
-    return line
-
-
-def _chat_line(model: str, delta: Delta) -> OllamaChatLine:
-    message: OllamaChatMessage = {"role": "assistant", "content": delta.content}
-    if delta.reasoning:
-        message["thinking"] = delta.reasoning
-    if delta.tool_calls:
-        message["tool_calls"] = [
-            {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in delta.tool_calls
-        ]
-    return {"model": model, "created_at": _now(), "message": message, "done": False}
-
-
-def _final(
-    generation: Generation, outcome: Outcome, job: Job, chat: bool, total: Delta | None = None
-) -> OllamaChatDone | OllamaGenerateDone:
-    stats: OllamaRunStats = {
-        "done_reason": "length" if outcome.finish_reason == "length" else "stop",
-        "total_duration": int((time.monotonic() - job.arrived) * NS),
-        "load_duration": int(generation.load_seconds * NS),
-        "prompt_eval_count": outcome.prompt_tokens - outcome.cached_tokens,
-        "prompt_eval_duration": int(outcome.prefill_seconds * NS),
-        "eval_count": outcome.completion_tokens,
-        "eval_duration": int(outcome.generate_seconds * NS),
-    }
-    total = total or Delta()
-    if chat:
-        chat_done: OllamaChatDone = {**_chat_line(generation.model, total), **stats, "done": True}
-        return chat_done
-    generate_done: OllamaGenerateDone = {**_generate_line(generation.model, total), **stats, "done": True}
-    return generate_done
+    return JSONResponse(final_line(generation, outcome, job, chat, total), headers=headers)
 
 
 async def _ndjson(
@@ -468,8 +352,8 @@ async def _ndjson(
         async with aclosing(run_generation(generation, output)) as items:
             async for item in items:
                 if isinstance(item, Outcome):
-                    yield (dumps(_final(generation, item, job, chat)) + "\n").encode()
+                    yield (dumps(final_line(generation, item, job, chat)) + "\n").encode()
                 else:
-                    yield (dumps(_piece(generation.model, item, chat)) + "\n").encode()
+                    yield (dumps(progress_line(generation.model, item, chat)) + "\n").encode()
     except RkllmError as exc:
         yield (dumps(ollama_error(run_error(exc))) + "\n").encode()

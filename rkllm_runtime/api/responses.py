@@ -8,12 +8,6 @@ instead (the whole conversation as input).
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request
@@ -23,10 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rkllm_runtime.api.body import json_body, read_json
 from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.api.generation import Generation, collect_whole, run_error, run_generation
+from rkllm_runtime.api.generation import Generation, collect_whole
 from rkllm_runtime.api.openai import ChatTurn, start_turn
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
-from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of
+from rkllm_runtime.api.plumbing import GuardedStream, scheduler_of
 from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
     MAX_TOOLS,
@@ -35,33 +28,9 @@ from rkllm_runtime.api.request_fields import (
     refuse_structured_output,
     reject_unsupported,
 )
-from rkllm_runtime.api.responses_shapes import (
-    ContentPartEvent,
-    FunctionCallArgumentsDeltaEvent,
-    FunctionCallArgumentsDoneEvent,
-    FunctionCallItem,
-    IncompleteDetails,
-    ItemStatus,
-    LifecycleKind,
-    MessageItem,
-    OutputItem,
-    OutputItemEvent,
-    OutputText,
-    OutputTextDeltaEvent,
-    OutputTextDoneEvent,
-    ReasoningItem,
-    ReasoningText,
-    ReasoningTextDeltaEvent,
-    ReasoningTextDoneEvent,
-    ResponseError,
-    ResponseLifecycleEvent,
-    ResponseObject,
-    ResponseStatus,
-    ResponseStreamEvent,
-    ResponseUsage,
-)
+from rkllm_runtime.api.responses_answer import OutputItems, ResponseEcho, stream_response
+from rkllm_runtime.api.responses_shapes import ResponseObject, ResponseStreamEvent
 from rkllm_runtime.chat import Message, ToolCall
-from rkllm_runtime.errors import RkllmError
 
 router = APIRouter(prefix="/v1")
 
@@ -265,10 +234,10 @@ async def create_response(request: Request) -> Response:
         sampling={"temperature": body.temperature, "top_p": body.top_p},
     )
     started = await start_turn(request, turn)
-    echo = _Echo.of(request, body, started.generation)
+    echo = _echo(request, body, started.generation)
     items = OutputItems()
     if body.stream:
-        events = _stream(started.generation, started.output, items, echo)
+        events = stream_response(started.generation, started.output, items, echo)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **started.headers}
         return GuardedStream(events, started.generation, media_type="text/event-stream", headers=headers)
     total, outcome = await collect_whole(request, started.generation, started.output)
@@ -289,311 +258,20 @@ async def stored_response(response_id: str) -> Response:
     )
 
 
-@dataclass
-class _Echo:
-    """The request fields every Response object repeats, and the sampling the model really ran with."""
-
-    response_id: str
-    created_at: int
-    model: str
-    body: ResponsesRequest
-    temperature: float
-    top_p: float
-    bytes_per_token: float
-
-    @classmethod
-    def of(cls, request: Request, body: ResponsesRequest, generation: Generation) -> _Echo:
-        model = scheduler_of(request).config.model(generation.model)
-        assert model is not None  # the generation runs on a configured model
-        return cls(
-            f"resp_{uuid.uuid4().hex}",
-            int(time.time()),
-            generation.model,
-            body,
-            model.temperature,
-            model.top_p,
-            model.bytes_per_token,
-        )
-
-    def response(
-        self,
-        status: ResponseStatus,
-        output: list[OutputItem],
-        usage: ResponseUsage | None = None,
-        incomplete_details: IncompleteDetails | None = None,
-        error: ResponseError | None = None,
-    ) -> ResponseObject:
-        body = self.body
-        effort = body.reasoning.effort if body.reasoning else None
-        return {
-            "id": self.response_id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "error": error,
-            "incomplete_details": incomplete_details,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "model": self.model,
-            "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None,
-            "reasoning": {"effort": effort, "summary": None},
-            "store": False,
-            "temperature": self.temperature,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": body.tool_choice.model_dump()
-            if isinstance(body.tool_choice, BaseModel)
-            else body.tool_choice or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "top_p": self.top_p,
-            "truncation": "disabled",
-            "usage": usage,
-            "metadata": body.metadata or {},
-        }
-
-    def finished(self, items: OutputItems, outcome: Outcome) -> ResponseObject:
-        reasoning = min(outcome.completion_tokens, math.ceil(items.reasoning_bytes / self.bytes_per_token))
-        usage: ResponseUsage = {
-            "input_tokens": outcome.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
-            "output_tokens": outcome.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-        }
-        if outcome.finish_reason == "length":
-            cut: IncompleteDetails = {"reason": "max_output_tokens"}
-            return self.response("incomplete", items.items, usage=usage, incomplete_details=cut)
-        return self.response("completed", items.items, usage=usage)
-
-
-class OutputItems:
-    """Output items built from the deltas as they arrive, and the stream events announcing each step.
-
-    One item is open at a time: reasoning, then a message, then one item per function call, in the
-    order the model produced them.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[OutputItem] = []
-        self.reasoning_bytes = 0
-        self._open: MessageItem | ReasoningItem | None = None
-        self._text = ""
-        self._sequence = 0
-
-    def _next(self) -> int:
-        """The next event's sequence_number: every event of a stream is numbered in order from 0."""
-        number = self._sequence
-        self._sequence += 1
-        return number
-
-    def lifecycle(self, kind: LifecycleKind, response: ResponseObject) -> ResponseLifecycleEvent:
-        return {"type": kind, "sequence_number": self._next(), "response": response}
-
-    def feed(self, delta: Delta) -> list[ResponseStreamEvent]:
-        events = []
-        if delta.reasoning:
-            self.reasoning_bytes += len(delta.reasoning.encode())
-            events += self._append("reasoning", delta.reasoning)
-        if delta.content:
-            events += self._append("message", delta.content)
-        for call in delta.tool_calls:
-            events += self._close("completed")
-            events += self._function_call(call)
-        return events
-
-    def finish(self, outcome: Outcome) -> list[ResponseStreamEvent]:
-        events = [] if self.items else self._open_item("message")
-        return events + self._close("incomplete" if outcome.finish_reason == "length" else "completed")
-
-    def _append(self, kind: Literal["message", "reasoning"], text: str) -> list[ResponseStreamEvent]:
-        events = []
-        if self._open is None or self._open["type"] != kind:
-            events = self._close("completed") + self._open_item(kind)
-        item = self._open
-        assert item is not None
-        self._text += text
-        index = len(self.items) - 1
-        delta: OutputTextDeltaEvent | ReasoningTextDeltaEvent
-        if item["type"] == "message":
-            delta = {
-                "type": "response.output_text.delta",
-                "sequence_number": self._next(),
-                "item_id": item["id"],
-                "output_index": index,
-                "content_index": 0,
-                "delta": text,
-                "logprobs": [],
-            }
-        else:
-            delta = {
-                "type": "response.reasoning_text.delta",
-                "sequence_number": self._next(),
-                "item_id": item["id"],
-                "output_index": index,
-                "content_index": 0,
-                "delta": text,
-            }
-        return [*events, delta]
-
-    def _open_item(self, kind: Literal["message", "reasoning"]) -> list[ResponseStreamEvent]:
-        item: MessageItem | ReasoningItem
-        if kind == "message":
-            item = {
-                "id": f"msg_{uuid.uuid4().hex}",
-                "type": "message",
-                "role": "assistant",
-                "content": [],
-                "status": "in_progress",
-            }
-        else:
-            item = {
-                "id": f"rs_{uuid.uuid4().hex}",
-                "type": "reasoning",
-                "summary": [],
-                "content": [],
-                "status": "in_progress",
-            }
-        self._open, self._text = item, ""
-        self.items.append(item)
-        index = len(self.items) - 1
-        added: OutputItemEvent = {
-            "type": "response.output_item.added",
-            "sequence_number": self._next(),
-            "output_index": index,
-            "item": item.copy(),
-        }
-        part: ContentPartEvent = {
-            "type": "response.content_part.added",
-            "sequence_number": self._next(),
-            "item_id": item["id"],
-            "output_index": index,
-            "content_index": 0,
-            "part": _output_text("") if kind == "message" else _reasoning_text(""),
-        }
-        return [added, part]
-
-    def _close(self, status: ItemStatus) -> list[ResponseStreamEvent]:
-        item = self._open
-        if item is None:
-            return []
-        self._open = None
-        index, text = len(self.items) - 1, self._text
-        done: OutputTextDoneEvent | ReasoningTextDoneEvent
-        part: OutputText | ReasoningText
-        if item["type"] == "message":
-            part = _output_text(text)
-            done = {
-                "type": "response.output_text.done",
-                "sequence_number": self._next(),
-                "item_id": item["id"],
-                "output_index": index,
-                "content_index": 0,
-                "text": text,
-                "logprobs": [],
-            }
-            item["content"] = [part]
-        else:
-            part = _reasoning_text(text)
-            done = {
-                "type": "response.reasoning_text.done",
-                "sequence_number": self._next(),
-                "item_id": item["id"],
-                "output_index": index,
-                "content_index": 0,
-                "text": text,
-            }
-            item["content"] = [part]
-        item["status"] = status
-        part_done: ContentPartEvent = {
-            "type": "response.content_part.done",
-            "sequence_number": self._next(),
-            "item_id": item["id"],
-            "output_index": index,
-            "content_index": 0,
-            "part": part,
-        }
-        item_done: OutputItemEvent = {
-            "type": "response.output_item.done",
-            "sequence_number": self._next(),
-            "output_index": index,
-            "item": item,
-        }
-        return [done, part_done, item_done]
-
-    def _function_call(self, call: ToolCall) -> list[ResponseStreamEvent]:
-        item: FunctionCallItem = {
-            "id": f"fc_{uuid.uuid4().hex}",
-            "type": "function_call",
-            "status": "in_progress",
-            "call_id": call.id,
-            "name": call.name,
-            "arguments": "",
-        }
-        self.items.append(item)
-        index = len(self.items) - 1
-        added: OutputItemEvent = {
-            "type": "response.output_item.added",
-            "sequence_number": self._next(),
-            "output_index": index,
-            "item": item.copy(),
-        }
-        item["arguments"], item["status"] = call.arguments, "completed"
-        arguments: FunctionCallArgumentsDeltaEvent = {
-            "type": "response.function_call_arguments.delta",
-            "sequence_number": self._next(),
-            "item_id": item["id"],
-            "output_index": index,
-            "delta": call.arguments,
-        }
-        arguments_done: FunctionCallArgumentsDoneEvent = {
-            "type": "response.function_call_arguments.done",
-            "sequence_number": self._next(),
-            "item_id": item["id"],
-            "output_index": index,
-            "arguments": call.arguments,
-        }
-        item_done: OutputItemEvent = {
-            "type": "response.output_item.done",
-            "sequence_number": self._next(),
-            "output_index": index,
-            "item": item,
-        }
-        return [added, arguments, arguments_done, item_done]
-
-
-def _output_text(text: str) -> OutputText:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _reasoning_text(text: str) -> ReasoningText:
-    return {"type": "reasoning_text", "text": text}
-
-
-def _sse(event: ResponseStreamEvent) -> bytes:
-    return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
-
-
-async def _stream(
-    generation: Generation, output: OutputAssembler, items: OutputItems, echo: _Echo
-) -> AsyncGenerator[bytes, None]:
-    yield _sse(items.lifecycle("response.created", echo.response("in_progress", [])))
-    yield _sse(items.lifecycle("response.in_progress", echo.response("in_progress", [])))
-    try:
-        async with aclosing(run_generation(generation, output)) as produced:
-            async for piece in produced:
-                if isinstance(piece, Outcome):
-                    for event in items.finish(piece):
-                        yield _sse(event)
-                    final = echo.finished(items, piece)
-                    kind: LifecycleKind = (
-                        "response.completed" if final["status"] == "completed" else "response.incomplete"
-                    )
-                    yield _sse(items.lifecycle(kind, final))
-                else:
-                    for event in items.feed(piece):
-                        yield _sse(event)
-    except RkllmError as exc:
-        error: ResponseError = {"code": "server_error", "message": run_error(exc).message}
-        failed = echo.response("failed", items.items, error=error)
-        yield _sse(items.lifecycle("response.failed", failed))
+def _echo(request: Request, body: ResponsesRequest, generation: Generation) -> ResponseEcho:
+    model = scheduler_of(request).config.model(generation.model)
+    assert model is not None  # the generation runs on a configured model
+    choice = body.tool_choice
+    return ResponseEcho(
+        model=generation.model,
+        instructions=body.instructions,
+        max_output_tokens=body.max_output_tokens,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        effort=body.reasoning.effort if body.reasoning else None,
+        tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
+        tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
+        metadata=body.metadata or {},
+        temperature=model.temperature,
+        top_p=model.top_p,
+        bytes_per_token=model.bytes_per_token,
+    )
