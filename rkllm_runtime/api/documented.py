@@ -34,6 +34,7 @@ class ShapeCatalog:
         if body is not None:
             content["application/json"] = {"schema": self._schema(body)}
         if stream is not None:
+            assert stream_media_type, "a stream's events need their media type"
             content[stream_media_type] = {"schema": self._schema(stream)}
         return {200: {"content": content}}
 

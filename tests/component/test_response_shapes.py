@@ -18,6 +18,7 @@ import pytest
 from pydantic import TypeAdapter
 from server_harness import QWEN, R1, RunningServer, model_entry, start_server
 
+from rkllm_runtime.api import node_shapes as node
 from rkllm_runtime.api import ollama_shapes as ollama
 from rkllm_runtime.api import openai_shapes as openai
 from rkllm_runtime.api import responses_shapes as responses
@@ -315,6 +316,14 @@ def test_ollama_errors_whole_and_mid_stream(http):
     assert conforms(ollama.OllamaError, lines[-1])["error"]
 
 
+# --- the board's probes ----------------------------------------------------------------------------
+def test_health_and_readiness(http):
+    assert conforms(node.NodeHealth, whole(http.get("/health")))["status"] == "alive"
+    assert http.post("/api/generate", json={"model": QWEN, "prompt": ""}).status_code == 200
+    ready = conforms(node.NodeReadiness, whole(http.get("/ready")))
+    assert ready == {"status": "ready", "models": {QWEN: "ok"}}
+
+
 # --- the OpenAPI document ---------------------------------------------------------------------------
 DOCUMENTED = {
     ("get", "/v1/models"): (["OpenAIModelList"], None),
@@ -341,8 +350,10 @@ DOCUMENTED = {
     ("post", "/api/embed"): (["OllamaEmbed"], None),
     ("post", "/api/embeddings"): (["OllamaEmbedding"], None),
     ("post", "/api/pull"): (["OllamaStatus"], ("application/x-ndjson", ["OllamaStatus"])),
+    ("get", "/health"): (["NodeHealth"], None),
+    ("get", "/ready"): (["NodeReadiness"], None),
 }
-SHAPE_MODULES = (openai, ollama, responses)
+SHAPE_MODULES = (openai, ollama, responses, node)
 
 
 def named(schema: dict[str, Any]) -> list[str]:
