@@ -182,7 +182,7 @@ def to_messages(messages: list[ChatMessageIn]) -> list[Message]:
     return converted
 
 
-def _model(name: str, created: int) -> OpenAIModel:
+def _model_object(name: str, created: int) -> OpenAIModel:
     return {"id": name, "object": "model", "created": created, "owned_by": "rkllm"}
 
 
@@ -191,7 +191,7 @@ async def list_models(request: Request) -> OpenAIModelList:
     config = scheduler_of(request).config
     created = int(time.time())
     names = ["auto", *(m.name for m in config.models)]
-    return {"object": "list", "data": [_model(n, created) for n in names]}
+    return {"object": "list", "data": [_model_object(n, created) for n in names]}
 
 
 @router.get("/models/{name}", response_model=None, responses=RESPONSE_SHAPES.answer(OpenAIModel))
@@ -200,7 +200,7 @@ async def get_model(request: Request, name: str) -> OpenAIModel:
     bare = name.removesuffix(LATEST_TAG)
     if bare != AUTO_MODEL and config.model(bare) is None:
         raise UnknownModelError(name, [AUTO_MODEL, *(m.name for m in config.models)])
-    return _model(bare, int(time.time()))
+    return _model_object(bare, int(time.time()))
 
 
 @dataclass
