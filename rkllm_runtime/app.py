@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from rkllm_runtime.api import embeddings, ollama, ollama_admin, openai, responses
+from rkllm_runtime.api.documented import RESPONSE_SHAPES, DocumentedApp
 from rkllm_runtime.api.errors import EXCEPTION_HANDLERS, CatchAllMiddleware
+from rkllm_runtime.api.node_shapes import NodeHealth, NodeReadiness
 from rkllm_runtime.config import ServerConfig
 from rkllm_runtime.engine import Engine, ModelParams
 from rkllm_runtime.errors import RkllmError
@@ -53,12 +55,13 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
         watching.cancel()
         await scheduler.close()
 
-    app = FastAPI(
+    app = DocumentedApp(
         title="rkllm-runtime",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",  # request bodies: rkllm_runtime/api/body.py json_body
+        # Request bodies: rkllm_runtime/api/body.py json_body; answers: rkllm_runtime/api/documented.py.
+        openapi_url="/openapi.json",
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
     # The failing request's model is unknown here; the error-ratio alert only sums per board.
@@ -72,18 +75,18 @@ def create_app(config: ServerConfig, engine_factory: EngineFactory | None = None
     app.include_router(ollama_admin.router)
     app.include_router(ollama_admin.root_router)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", response_model=None, responses=RESPONSE_SHAPES.answer(NodeHealth))
+    async def health() -> NodeHealth:
         return {"status": "alive"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=None, responses=RESPONSE_SHAPES.answer(NodeReadiness))
     async def ready() -> JSONResponse:
         """Every pinned (and every loaded) model's handles answer without a conversation's cache being
         touched (Scheduler.probe); failures re-init."""
         names = {m.name for m in config.models if m.pinned} | {m.name for m in scheduler.loaded_models()}
         problems = {name: await scheduler.probe(name) for name in sorted(names)}
         failed = {name: problem for name, problem in problems.items() if problem}
-        body = {
+        body: NodeReadiness = {
             "status": "not ready" if failed else "draining" if scheduler.draining() else "ready",
             "models": {name: problem or "ok" for name, problem in problems.items()},
         }

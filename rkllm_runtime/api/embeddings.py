@@ -17,8 +17,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import bad_request, domain_error
 from rkllm_runtime.api.generation import run_error
+from rkllm_runtime.api.ollama_answer import NS
+from rkllm_runtime.api.ollama_shapes import OllamaEmbed, OllamaEmbedding
+from rkllm_runtime.api.openai_shapes import OpenAIEmbeddingList
 from rkllm_runtime.api.plumbing import dumps, scheduler_of, until_disconnect
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.embedding import to_base64, to_json_array
@@ -36,7 +40,6 @@ router = APIRouter()
 
 # OpenAI's own limit on inputs per request.
 MAX_EMBEDDING_INPUTS = 2048
-NS = 1_000_000_000
 
 
 class _Request(BaseModel):
@@ -155,7 +158,12 @@ def _object(fields: dict[str, str]) -> str:
     return "{" + ",".join(f"{dumps(key)}:{value}" for key, value in fields.items()) + "}"
 
 
-@router.post("/v1/embeddings", response_model=None, openapi_extra=json_body(OpenAIEmbeddingRequest))
+@router.post(
+    "/v1/embeddings",
+    response_model=None,
+    openapi_extra=json_body(OpenAIEmbeddingRequest),
+    responses=RESPONSE_SHAPES.answer(OpenAIEmbeddingList),
+)
 async def openai_embeddings(request: Request) -> Response:
     body = await read_json(request, OpenAIEmbeddingRequest)
     model = embedding_model(scheduler_of(request).config, body.model)
@@ -190,7 +198,12 @@ async def openai_embeddings(request: Request) -> Response:
     )
 
 
-@router.post("/api/embed", response_model=None, openapi_extra=json_body(OllamaEmbedRequest))
+@router.post(
+    "/api/embed",
+    response_model=None,
+    openapi_extra=json_body(OllamaEmbedRequest),
+    responses=RESPONSE_SHAPES.answer(OllamaEmbed),
+)
 async def ollama_embed(request: Request) -> Response:
     started = time.monotonic()
     body = await read_json(request, OllamaEmbedRequest)
@@ -215,7 +228,12 @@ async def ollama_embed(request: Request) -> Response:
     )
 
 
-@router.post("/api/embeddings", response_model=None, openapi_extra=json_body(OllamaEmbeddingsRequest))
+@router.post(
+    "/api/embeddings",
+    response_model=None,
+    openapi_extra=json_body(OllamaEmbeddingsRequest),
+    responses=RESPONSE_SHAPES.answer(OllamaEmbedding),
+)
 async def ollama_embeddings(request: Request) -> Response:
     """Ollama's older single-text endpoint: prompt in, embedding out."""
     body = await read_json(request, OllamaEmbeddingsRequest)

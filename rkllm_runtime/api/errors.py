@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rkllm_runtime.api.ollama_shapes import OllamaError
+from rkllm_runtime.api.openai_shapes import OpenAIError
 from rkllm_runtime.registry import ModelUnavailableError
 from rkllm_runtime.routing import UnknownModelError
 from rkllm_runtime.scheduler import AdmissionRefusedError
@@ -65,25 +67,8 @@ def domain_error(exc: UnknownModelError | AdmissionRefusedError | ModelUnavailab
     )
 
 
-def error_response(path: str, error: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
-    if path.startswith("/v1/"):
-        body: object = {
-            "error": {
-                "message": error.message,
-                "type": _TYPES.get(error.status, "server_error"),
-                "param": error.param,
-                "code": error.code,
-            }
-        }
-    else:
-        body = {"error": error.message}
-    return JSONResponse(body, status_code=error.status, headers=headers)
-
-
-def sse_error_event(error: ApiError) -> bytes:
-    """A mid-stream failure, as an OpenAI stream carries it: one data event with an error object."""
-    payload = {
+def openai_error(error: ApiError) -> OpenAIError:
+    return {
         "error": {
             "message": error.message,
             "type": _TYPES.get(error.status, "server_error"),
@@ -91,7 +76,21 @@ def sse_error_event(error: ApiError) -> bytes:
             "code": error.code,
         }
     }
-    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def ollama_error(error: ApiError) -> OllamaError:
+    return {"error": error.message}
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    body = openai_error(error) if path.startswith("/v1/") else ollama_error(error)
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def sse_error_event(error: ApiError) -> bytes:
+    """A mid-stream failure, as an OpenAI stream carries it: one data event with an error object."""
+    return f"data: {json.dumps(openai_error(error))}\n\n".encode()
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

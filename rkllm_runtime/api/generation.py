@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from rkllm_runtime.api.errors import ApiError, bad_request, domain_error
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.output import Delta, FinishReason, Outcome, OutputAssembler
 from rkllm_runtime.api.plumbing import scheduler_of, until_disconnect
 from rkllm_runtime.chat import Message
 from rkllm_runtime.chat_templates import ChatTemplateError
@@ -85,6 +85,7 @@ async def run_generation(
     """Deltas as tokens arrive, then one Outcome; a stop sequence aborts the run at once."""
     tokens = 0
     finish: FinishEvent | None = None
+    reason: FinishReason
     async with aclosing(generation.events) as events:
         async for event in events:
             if isinstance(event, TokenEvent):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -17,7 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.body import json_body, read_json
-from rkllm_runtime.api.errors import bad_request
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
+from rkllm_runtime.api.errors import bad_request, ollama_error
 from rkllm_runtime.api.generation import (
     Generation,
     collect_whole,
@@ -26,7 +24,28 @@ from rkllm_runtime.api.generation import (
     run_generation,
     start_generation,
 )
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.ollama_answer import (
+    auto_entry,
+    final_line,
+    loaded_reply,
+    model_details,
+    model_entry,
+    progress_line,
+)
+from rkllm_runtime.api.ollama_shapes import (
+    OllamaChatDone,
+    OllamaChatLine,
+    OllamaChatLoaded,
+    OllamaGenerateDone,
+    OllamaGenerateLine,
+    OllamaGenerateLoaded,
+    OllamaLoadedModel,
+    OllamaRunning,
+    OllamaShow,
+    OllamaTags,
+    OllamaVersion,
+)
+from rkllm_runtime.api.output import Outcome, OutputAssembler
 from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of, until_disconnect
 from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
@@ -41,16 +60,14 @@ from rkllm_runtime.chat import Message, ToolCall
 from rkllm_runtime.config import ModelConfig, ServerConfig
 from rkllm_runtime.errors import RkllmError
 from rkllm_runtime.registry import footprint_mb
-from rkllm_runtime.routing import AUTO_MODEL, resolve_model
+from rkllm_runtime.routing import resolve_model
 from rkllm_runtime.scheduler import Job
 
 router = APIRouter(prefix="/api")
 
-NS = 1_000_000_000
 # What /api/version reports: clients gate features on Ollama's version, and 0.9.0 is the first with
 # the `think` field (tools in streams came in 0.8), both of which this server implements.
 OLLAMA_VERSION = "0.9.0"
-_PARAMETER_SIZE = re.compile(r"(\d+(?:\.\d+)?[BM])\b")
 
 
 class _Request(BaseModel):
@@ -150,94 +167,42 @@ class ShowRequest(_Request):
     name: str | None = None
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _details(model: ModelConfig) -> dict[str, Any]:
-    family = model.name.split("-")[0].lower()
-    size = _PARAMETER_SIZE.search(model.name)
-    return {
-        "parent_model": "",
-        "format": "rkllm",
-        "family": family,
-        "families": [family],
-        "parameter_size": size.group(1) if size else "",
-        "quantization_level": "W8A8",  # the only RKLLM quantisation the RK3588 NPU runs
-    }
-
-
-def _file_facts(model: ModelConfig) -> tuple[int, str]:
-    try:
-        stat = Path(model.path).stat()
-    except OSError:
-        return 0, _now()
-    return stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
-
-
-def _model_entry(model: ModelConfig) -> dict[str, Any]:
-    size, modified = _file_facts(model)
-    return {
-        "name": model.name,
-        "model": model.name,
-        "modified_at": modified,
-        "size": size,
-        "digest": model.sha256,
-        "details": _details(model),
-    }
-
-
-@router.get("/version")
-async def version() -> dict[str, str]:
+@router.get("/version", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaVersion))
+async def version() -> OllamaVersion:
     return {"version": OLLAMA_VERSION, "rkllm_runtime": metadata.version("rkllm-runtime")}
 
 
-@router.get("/tags")
-async def tags(request: Request) -> dict[str, Any]:
+@router.get("/tags", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaTags))
+async def tags(request: Request) -> OllamaTags:
     models = scheduler_of(request).config.models
-    return {"models": [_auto_entry(), *(_model_entry(m) for m in models)]}
+    return {"models": [auto_entry(), *(model_entry(m) for m in models)]}
 
 
-def _auto_entry() -> dict[str, Any]:
-    """Listed so that clients validating a name against /api/tags accept it (langchain-ollama)."""
-    details = {
-        "parent_model": "",
-        "format": "rkllm",
-        "family": AUTO_MODEL,
-        "families": [AUTO_MODEL],
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-    return {
-        "name": AUTO_MODEL,
-        "model": AUTO_MODEL,
-        "modified_at": _now(),
-        "size": 0,
-        "digest": "",
-        "details": details,
-    }
-
-
-@router.get("/ps")
-async def ps(request: Request) -> dict[str, Any]:
+@router.get("/ps", response_model=None, responses=RESPONSE_SHAPES.answer(OllamaRunning))
+async def ps(request: Request) -> OllamaRunning:
     scheduler = scheduler_of(request)
-    entries = []
+    entries: list[OllamaLoadedModel] = []
     for loaded in scheduler.loaded_models():
-        entry = _model_entry(loaded)
         # Each KV slot is a handle holding its own copy of the weights in NPU memory.
         memory = footprint_mb(loaded) << 20
-        entry.update(
-            expires_at="9999-12-31T23:59:59Z",
-            size=memory,
-            size_vram=memory,
-            context_length=loaded.context_length,
-        )
+        entry: OllamaLoadedModel = {
+            **model_entry(loaded),
+            "size": memory,
+            "expires_at": "9999-12-31T23:59:59Z",
+            "size_vram": memory,
+            "context_length": loaded.context_length,
+        }
         entries.append(entry)
     return {"models": entries}
 
 
-@router.post("/show", openapi_extra=json_body(ShowRequest))
-async def show(request: Request) -> dict[str, Any]:
+@router.post(
+    "/show",
+    response_model=None,
+    openapi_extra=json_body(ShowRequest),
+    responses=RESPONSE_SHAPES.answer(OllamaShow),
+)
+async def show(request: Request) -> OllamaShow:
     body = await read_json(request, ShowRequest)
     config = scheduler_of(request).config
     model = resolve_model(config, body.model or body.name or "", None, "")
@@ -254,13 +219,22 @@ async def show(request: Request) -> dict[str, Any]:
         "modelfile": f"FROM {model.name}\n",
         "parameters": parameters,
         "template": model.template,
-        "details": _details(model),
+        "details": model_details(model),
         "capabilities": capabilities,
         "model_info": {"general.architecture": "rkllm", "rkllm.context_length": model.context_length},
     }
 
 
-@router.post("/generate", response_model=None, openapi_extra=json_body(GenerateRequest))
+@router.post(
+    "/generate",
+    response_model=None,
+    openapi_extra=json_body(GenerateRequest),
+    responses=RESPONSE_SHAPES.answer(
+        (OllamaGenerateDone, OllamaGenerateLoaded),
+        (OllamaGenerateLine, OllamaGenerateDone),
+        "application/x-ndjson",
+    ),
+)
 async def generate(request: Request) -> Response:
     body = await read_json(request, GenerateRequest)
     scheduler = scheduler_of(request)
@@ -284,7 +258,14 @@ async def generate(request: Request) -> Response:
     return await _respond(request, config, job, model, body, headers, tools=False, chat=False)
 
 
-@router.post("/chat", response_model=None, openapi_extra=json_body(ChatRequest))
+@router.post(
+    "/chat",
+    response_model=None,
+    openapi_extra=json_body(ChatRequest),
+    responses=RESPONSE_SHAPES.answer(
+        (OllamaChatDone, OllamaChatLoaded), (OllamaChatLine, OllamaChatDone), "application/x-ndjson"
+    ),
+)
 async def chat(request: Request) -> Response:
     body = await read_json(request, ChatRequest)
     scheduler = scheduler_of(request)
@@ -323,7 +304,7 @@ def _message(message: ChatMessageIn, index: int) -> Message:
 
 async def _load_or_unload(
     request: Request, model: ModelConfig, keep_alive: float | str | None, chat: bool = False
-) -> dict[str, Any]:
+) -> OllamaChatLoaded | OllamaGenerateLoaded:
     """Ollama's convention: an empty prompt loads the model, with keep_alive 0 it unloads it.
 
     Both wait for the model's turn, so a running generation is never cut off.
@@ -341,17 +322,7 @@ async def _load_or_unload(
             await scheduler.load(ticket, model.name)
     finally:
         ticket.release()
-    body: dict[str, Any] = {
-        "model": model.name,
-        "created_at": _now(),
-        "done": True,
-        "done_reason": "unload" if unload else "load",
-    }
-    if chat:
-        body["message"] = {"role": "assistant", "content": ""}
-    else:
-        body["response"] = ""
-    return body
+    return loaded_reply(model.name, "unload" if unload else "load", chat)
 
 
 async def _respond(
@@ -371,40 +342,7 @@ async def _respond(
         lines = _ndjson(generation, output, job, chat)
         return GuardedStream(lines, generation, media_type="application/x-ndjson", headers=headers)
     total, outcome = await collect_whole(request, generation, output)
-    return JSONResponse(_final(generation, outcome, job, chat, total), headers=headers)
-
-
-def _piece(model: str, delta: Delta, chat: bool) -> dict[str, Any]:
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": delta.content}
-        if delta.reasoning:
-            message["thinking"] = delta.reasoning
-        if delta.tool_calls:
-            message["tool_calls"] = [
-                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in delta.tool_calls
-            ]
-        return {"model": model, "created_at": _now(), "message": message, "done": False}
-    piece: dict[str, Any] = {"model": model, "created_at": _now(), "response": delta.content, "done": False}
-    if delta.reasoning:
-        piece["thinking"] = delta.reasoning
-    return piece
-
-
-def _final(
-    generation: Generation, outcome: Outcome, job: Job, chat: bool, total: Delta | None = None
-) -> dict[str, Any]:
-    body = _piece(generation.model, total or Delta(), chat)
-    body.update(
-        done=True,
-        done_reason="length" if outcome.finish_reason == "length" else "stop",
-        total_duration=int((time.monotonic() - job.arrived) * NS),
-        load_duration=int(generation.load_seconds * NS),
-        prompt_eval_count=outcome.prompt_tokens - outcome.cached_tokens,
-        prompt_eval_duration=int(outcome.prefill_seconds * NS),
-        eval_count=outcome.completion_tokens,
-        eval_duration=int(outcome.generate_seconds * NS),
-    )
-    return body
+    return JSONResponse(final_line(generation, outcome, job, chat, total), headers=headers)
 
 
 async def _ndjson(
@@ -414,8 +352,8 @@ async def _ndjson(
         async with aclosing(run_generation(generation, output)) as items:
             async for item in items:
                 if isinstance(item, Outcome):
-                    yield (dumps(_final(generation, item, job, chat)) + "\n").encode()
+                    yield (dumps(final_line(generation, item, job, chat)) + "\n").encode()
                 else:
-                    yield (dumps(_piece(generation.model, item, chat)) + "\n").encode()
+                    yield (dumps(progress_line(generation.model, item, chat)) + "\n").encode()
     except RkllmError as exc:
-        yield (dumps({"error": run_error(exc).message}) + "\n").encode()
+        yield (dumps(ollama_error(run_error(exc))) + "\n").encode()

@@ -12,7 +12,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import ApiError
+from rkllm_runtime.api.ollama_shapes import OllamaStatus
 from rkllm_runtime.api.plumbing import dumps, scheduler_of
 from rkllm_runtime.routing import AUTO_MODEL, LATEST_TAG
 
@@ -52,15 +54,21 @@ async def root() -> PlainTextResponse:
     return PlainTextResponse(RUNNING)
 
 
-@router.post("/pull", response_model=None, openapi_extra=json_body(PullRequest))
+@router.post(
+    "/pull",
+    response_model=None,
+    openapi_extra=json_body(PullRequest),
+    responses=RESPONSE_SHAPES.answer(OllamaStatus, OllamaStatus, "application/x-ndjson"),
+)
 async def pull(request: Request) -> Response:
     body = await read_json(request, PullRequest)
     name = body.model or body.name or ""
     if name not in _installed(request) and name.removesuffix(LATEST_TAG) not in _installed(request):
         raise _refusal(request, f"pulling {name!r}")
+    success: OllamaStatus = {"status": "success"}
     if body.stream:
-        return Response((dumps({"status": "success"}) + "\n").encode(), media_type="application/x-ndjson")
-    return JSONResponse({"status": "success"})
+        return Response((dumps(success) + "\n").encode(), media_type="application/x-ndjson")
+    return JSONResponse(success)
 
 
 @router.post("/create", include_in_schema=False)

@@ -8,7 +8,6 @@ named in the X-Rkllm-Sampling-Ignored header (see apply_sampling_policy). Invali
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import bad_request, sse_error_event
 from rkllm_runtime.api.generation import (
     Generation,
@@ -28,7 +28,15 @@ from rkllm_runtime.api.generation import (
     run_generation,
     start_generation,
 )
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
+from rkllm_runtime.api.openai_answer import Answer, ChatAnswer, TextAnswer
+from rkllm_runtime.api.openai_shapes import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    OpenAIModel,
+    OpenAIModelList,
+    TextCompletion,
+)
+from rkllm_runtime.api.output import Outcome, OutputAssembler
 from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of
 from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
@@ -174,49 +182,25 @@ def to_messages(messages: list[ChatMessageIn]) -> list[Message]:
     return converted
 
 
-def _completion_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def _model_object(name: str, created: int) -> OpenAIModel:
+    return {"id": name, "object": "model", "created": created, "owned_by": "rkllm"}
 
 
-def _usage(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "prompt_tokens": outcome.prompt_tokens,
-        "completion_tokens": outcome.completion_tokens,
-        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
-    }
-
-
-def _tool_calls(calls: list[ToolCall], first_index: int = 0) -> list[dict[str, Any]]:
-    return [
-        {
-            "index": first_index + i,
-            "id": c.id,
-            "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments},
-        }
-        for i, c in enumerate(calls)
-    ]
-
-
-@router.get("/models")
-async def list_models(request: Request) -> dict[str, Any]:
+@router.get("/models", response_model=None, responses=RESPONSE_SHAPES.answer(OpenAIModelList))
+async def list_models(request: Request) -> OpenAIModelList:
     config = scheduler_of(request).config
     created = int(time.time())
     names = ["auto", *(m.name for m in config.models)]
-    return {
-        "object": "list",
-        "data": [{"id": n, "object": "model", "created": created, "owned_by": "rkllm"} for n in names],
-    }
+    return {"object": "list", "data": [_model_object(n, created) for n in names]}
 
 
-@router.get("/models/{name}")
-async def get_model(request: Request, name: str) -> dict[str, Any]:
+@router.get("/models/{name}", response_model=None, responses=RESPONSE_SHAPES.answer(OpenAIModel))
+async def get_model(request: Request, name: str) -> OpenAIModel:
     config = scheduler_of(request).config
     bare = name.removesuffix(LATEST_TAG)
     if bare != AUTO_MODEL and config.model(bare) is None:
         raise UnknownModelError(name, [AUTO_MODEL, *(m.name for m in config.models)])
-    return {"id": bare, "object": "model", "created": int(time.time()), "owned_by": "rkllm"}
+    return _model_object(bare, int(time.time()))
 
 
 @dataclass
@@ -267,7 +251,12 @@ async def start_turn(request: Request, turn: ChatTurn) -> StartedTurn:
     return StartedTurn(await start_generation(request, model, job), output, headers)
 
 
-@router.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    openapi_extra=json_body(ChatCompletionRequest),
+    responses=RESPONSE_SHAPES.answer(ChatCompletion, ChatCompletionChunk, "text/event-stream"),
+)
 async def chat_completions(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     body.reject_unsupported()
@@ -294,12 +283,17 @@ async def chat_completions(request: Request) -> Response:
         started.output,
         body.stream,
         include_usage,
-        _ChatShape(),
+        ChatAnswer(started.generation.model),
         started.headers,
     )
 
 
-@router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
+@router.post(
+    "/completions",
+    response_model=None,
+    openapi_extra=json_body(CompletionRequest),
+    responses=RESPONSE_SHAPES.answer(TextCompletion, TextCompletion, "text/event-stream"),
+)
 async def completions(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     config = scheduler_of(request).config
@@ -318,73 +312,8 @@ async def completions(request: Request) -> Response:
     generation = await start_generation(request, model, job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(
-        request, generation, output, body.stream, include_usage, _CompletionShape(), headers
+        request, generation, output, body.stream, include_usage, TextAnswer(generation.model), headers
     )
-
-
-class _ChatShape:
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def first_delta(self) -> dict[str, Any] | None:
-        return {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-
-    def choice_delta(self, delta: Delta, tool_index: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if delta.content:
-            out["content"] = delta.content
-        if delta.reasoning:
-            out["reasoning_content"] = delta.reasoning
-        if delta.tool_calls:
-            out["tool_calls"] = _tool_calls(delta.tool_calls, tool_index)
-        return {"index": 0, "delta": out, "logprobs": None, "finish_reason": None}
-
-    def final_delta(self, outcome: Outcome) -> dict[str, Any]:
-        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": outcome.finish_reason}
-
-    def whole(self, total: Delta, outcome: Outcome) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": total.content or None}
-        if total.reasoning:
-            message["reasoning_content"] = total.reasoning
-        if total.tool_calls:
-            message["tool_calls"] = [
-                {k: v for k, v in call.items() if k != "index"} for call in _tool_calls(total.tool_calls)
-            ]
-        elif message["content"] is None:
-            message["content"] = ""
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
-
-
-class _CompletionShape:
-    object = "text_completion"
-    chunk_object = "text_completion"
-    id_prefix = "cmpl"
-
-    def first_delta(self) -> dict[str, Any] | None:
-        return None
-
-    def choice_delta(self, delta: Delta, tool_index: int) -> dict[str, Any]:
-        return {"index": 0, "text": delta.reasoning + delta.content, "logprobs": None, "finish_reason": None}
-
-    def final_delta(self, outcome: Outcome) -> dict[str, Any]:
-        return {"index": 0, "text": "", "logprobs": None, "finish_reason": outcome.finish_reason}
-
-    def whole(self, total: Delta, outcome: Outcome) -> dict[str, Any]:
-        return {
-            "index": 0,
-            "text": total.reasoning + total.content,
-            "logprobs": None,
-            "finish_reason": outcome.finish_reason,
-        }
-
-
-Shape = _ChatShape | _CompletionShape
 
 
 async def _respond(
@@ -393,13 +322,11 @@ async def _respond(
     output: OutputAssembler,
     stream: bool,
     include_usage: bool,
-    shape: Shape,
+    answer: Answer,
     headers: dict[str, str],
 ) -> Response:
-    completion_id = _completion_id(shape.id_prefix)
-    created = int(time.time())
     if stream:
-        events = _sse(generation, output, shape, completion_id, created, include_usage)
+        events = _sse(generation, output, answer, include_usage)
         return GuardedStream(
             events,
             generation,
@@ -407,49 +334,29 @@ async def _respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
     total, outcome = await collect_whole(request, generation, output)
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": shape.object,
-            "created": created,
-            "model": generation.model,
-            "choices": [shape.whole(total, outcome)],
-            "usage": _usage(outcome),
-        },
-        headers=headers,
-    )
+    return JSONResponse(answer.whole(total, outcome), headers=headers)
+
+
+def _event(chunk: ChatCompletionChunk | TextCompletion) -> bytes:
+    return f"data: {dumps(chunk)}\n\n".encode()
 
 
 async def _sse(
-    generation: Generation,
-    output: OutputAssembler,
-    shape: Shape,
-    completion_id: str,
-    created: int,
-    include_usage: bool,
+    generation: Generation, output: OutputAssembler, answer: Answer, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    head = (
-        f'{{"id":"{completion_id}","object":"{shape.chunk_object}","created":{created},'
-        f'"model":{dumps(generation.model)},"choices":['
-    )
-
-    def chunk(choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
-        tail = "]" + (f',"usage":{dumps(usage)}' if usage is not None else "") + "}"
-        return f"data: {head}{dumps(choice) if choice else ''}{tail}\n\n".encode()
-
-    first = shape.first_delta()
+    first = answer.first_chunk()
     if first is not None:
-        yield chunk(first)
+        yield _event(first)
     tool_index = 0
     try:
         async with aclosing(run_generation(generation, output)) as items:
             async for item in items:
                 if isinstance(item, Outcome):
-                    yield chunk(shape.final_delta(item))
+                    yield _event(answer.final_chunk(item))
                     if include_usage:
-                        yield chunk(None, _usage(item))
+                        yield _event(answer.usage_chunk(item))
                 else:
-                    yield chunk(shape.choice_delta(item, tool_index))
+                    yield _event(answer.delta_chunk(item, tool_index))
                     tool_index += len(item.tool_calls)
     except RkllmError as exc:
         yield sse_error_event(run_error(exc))

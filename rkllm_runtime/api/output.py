@@ -6,6 +6,7 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rkllm_runtime.chat import Channel, OutputParser, StopMatcher, ToolCall, parse_tool_call
 
@@ -20,9 +21,12 @@ class Delta:
         return bool(self.content or self.reasoning or self.tool_calls)
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 @dataclass
 class Outcome:
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int

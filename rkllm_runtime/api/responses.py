@@ -8,24 +8,18 @@ instead (the whole conversation as input).
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rkllm_runtime.api.body import json_body, read_json
+from rkllm_runtime.api.documented import RESPONSE_SHAPES
 from rkllm_runtime.api.errors import ApiError, bad_request
-from rkllm_runtime.api.generation import Generation, collect_whole, run_error, run_generation
+from rkllm_runtime.api.generation import Generation, collect_whole
 from rkllm_runtime.api.openai import ChatTurn, start_turn
-from rkllm_runtime.api.output import Delta, Outcome, OutputAssembler
-from rkllm_runtime.api.plumbing import GuardedStream, dumps, scheduler_of
+from rkllm_runtime.api.plumbing import GuardedStream, scheduler_of
 from rkllm_runtime.api.request_fields import (
     MAX_MESSAGES,
     MAX_TOOLS,
@@ -34,8 +28,9 @@ from rkllm_runtime.api.request_fields import (
     refuse_structured_output,
     reject_unsupported,
 )
+from rkllm_runtime.api.responses_answer import OutputItems, ResponseEcho, stream_response
+from rkllm_runtime.api.responses_shapes import ResponseObject, ResponseStreamEvent
 from rkllm_runtime.chat import Message, ToolCall
-from rkllm_runtime.errors import RkllmError
 
 router = APIRouter(prefix="/v1")
 
@@ -218,7 +213,12 @@ def _text(content: str | list[InputPart] | None, where: str) -> str:
     return "".join(texts)
 
 
-@router.post("/responses", response_model=None, openapi_extra=json_body(ResponsesRequest))
+@router.post(
+    "/responses",
+    response_model=None,
+    openapi_extra=json_body(ResponsesRequest),
+    responses=RESPONSE_SHAPES.answer(ResponseObject, get_args(ResponseStreamEvent), "text/event-stream"),
+)
 async def create_response(request: Request) -> Response:
     body = await read_json(request, ResponsesRequest)
     body.refuse_unsupported()
@@ -234,10 +234,10 @@ async def create_response(request: Request) -> Response:
         sampling={"temperature": body.temperature, "top_p": body.top_p},
     )
     started = await start_turn(request, turn)
-    echo = _Echo.of(request, body, started.generation)
+    echo = _echo(request, body, started.generation)
     items = OutputItems()
     if body.stream:
-        events = _stream(started.generation, started.output, items, echo)
+        events = stream_response(started.generation, started.output, items, echo)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **started.headers}
         return GuardedStream(events, started.generation, media_type="text/event-stream", headers=headers)
     total, outcome = await collect_whole(request, started.generation, started.output)
@@ -258,212 +258,20 @@ async def stored_response(response_id: str) -> Response:
     )
 
 
-@dataclass
-class _Echo:
-    """The request fields every Response object repeats, and the sampling the model really ran with."""
-
-    response_id: str
-    created_at: int
-    model: str
-    body: ResponsesRequest
-    temperature: float
-    top_p: float
-    bytes_per_token: float
-
-    @classmethod
-    def of(cls, request: Request, body: ResponsesRequest, generation: Generation) -> _Echo:
-        model = scheduler_of(request).config.model(generation.model)
-        assert model is not None  # the generation runs on a configured model
-        return cls(
-            f"resp_{uuid.uuid4().hex}",
-            int(time.time()),
-            generation.model,
-            body,
-            model.temperature,
-            model.top_p,
-            model.bytes_per_token,
-        )
-
-    def response(self, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-        body = self.body
-        effort = body.reasoning.effort if body.reasoning else None
-        return {
-            "id": self.response_id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "error": None,
-            "incomplete_details": None,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "model": self.model,
-            "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None,
-            "reasoning": {"effort": effort, "summary": None},
-            "store": False,
-            "temperature": self.temperature,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": body.tool_choice.model_dump()
-            if isinstance(body.tool_choice, BaseModel)
-            else body.tool_choice or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "top_p": self.top_p,
-            "truncation": "disabled",
-            "usage": None,
-            "metadata": body.metadata or {},
-            **fields,
-        }
-
-    def finished(self, items: OutputItems, outcome: Outcome) -> dict[str, Any]:
-        reasoning = min(outcome.completion_tokens, math.ceil(items.reasoning_bytes / self.bytes_per_token))
-        usage = {
-            "input_tokens": outcome.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
-            "output_tokens": outcome.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-        }
-        if outcome.finish_reason == "length":
-            return self.response(
-                "incomplete", items.items, usage=usage, incomplete_details={"reason": "max_output_tokens"}
-            )
-        return self.response("completed", items.items, usage=usage)
-
-
-class OutputItems:
-    """Output items built from the deltas as they arrive, and the stream events announcing each step.
-
-    One item is open at a time: reasoning, then a message, then one item per function call, in the
-    order the model produced them.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.reasoning_bytes = 0
-        self._open: dict[str, Any] | None = None
-        self._text = ""
-        self._sequence = 0
-
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self._sequence, **fields}
-        self._sequence += 1
-        return event
-
-    def feed(self, delta: Delta) -> list[dict[str, Any]]:
-        events = []
-        if delta.reasoning:
-            self.reasoning_bytes += len(delta.reasoning.encode())
-            events += self._append("reasoning", delta.reasoning)
-        if delta.content:
-            events += self._append("message", delta.content)
-        for call in delta.tool_calls:
-            events += self._close("completed")
-            events += self._function_call(call)
-        return events
-
-    def finish(self, outcome: Outcome) -> list[dict[str, Any]]:
-        events = [] if self.items else self._open_item("message")
-        return events + self._close("incomplete" if outcome.finish_reason == "length" else "completed")
-
-    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
-        events = []
-        if self._open is None or self._open["type"] != kind:
-            events = self._close("completed") + self._open_item(kind)
-        assert self._open is not None
-        self._text += text
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
-        return [*events, self.event(name, **self._where(), content_index=0, delta=text, **extra)]
-
-    def _open_item(self, kind: str) -> list[dict[str, Any]]:
-        if kind == "message":
-            item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "content": []}
-        else:
-            item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "content": []}
-        item["status"] = "in_progress"
-        self._open, self._text = item, ""
-        self.items.append(item)
-        return [
-            self.event("response.output_item.added", output_index=len(self.items) - 1, item=dict(item)),
-            self.event(
-                "response.content_part.added", **self._where(), content_index=0, part=self._part(kind, "")
-            ),
-        ]
-
-    def _close(self, status: str) -> list[dict[str, Any]]:
-        item = self._open
-        if item is None:
-            return []
-        self._open = None
-        kind, part = item["type"], self._part(item["type"], self._text)
-        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
-        if kind == "message":
-            done = self.event(
-                "response.output_text.done", **where, content_index=0, text=self._text, logprobs=[]
-            )
-        else:
-            done = self.event("response.reasoning_text.done", **where, content_index=0, text=self._text)
-        item.update(content=[part], status=status)
-        return [
-            done,
-            self.event("response.content_part.done", **where, content_index=0, part=part),
-            self.event("response.output_item.done", output_index=where["output_index"], item=item),
-        ]
-
-    def _function_call(self, call: ToolCall) -> list[dict[str, Any]]:
-        item = {
-            "id": f"fc_{uuid.uuid4().hex}",
-            "type": "function_call",
-            "status": "in_progress",
-            "call_id": call.id,
-            "name": call.name,
-            "arguments": "",
-        }
-        self.items.append(item)
-        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
-        added = self.event("response.output_item.added", output_index=where["output_index"], item=dict(item))
-        item.update(arguments=call.arguments, status="completed")
-        return [
-            added,
-            self.event("response.function_call_arguments.delta", **where, delta=call.arguments),
-            self.event("response.function_call_arguments.done", **where, arguments=call.arguments),
-            self.event("response.output_item.done", output_index=where["output_index"], item=item),
-        ]
-
-    def _where(self) -> dict[str, Any]:
-        assert self._open is not None
-        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
-
-    @staticmethod
-    def _part(kind: str, text: str) -> dict[str, Any]:
-        if kind == "message":
-            return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        return {"type": "reasoning_text", "text": text}
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
-
-
-async def _stream(
-    generation: Generation, output: OutputAssembler, items: OutputItems, echo: _Echo
-) -> AsyncGenerator[bytes, None]:
-    yield _sse(items.event("response.created", response=echo.response("in_progress", [])))
-    yield _sse(items.event("response.in_progress", response=echo.response("in_progress", [])))
-    try:
-        async with aclosing(run_generation(generation, output)) as produced:
-            async for piece in produced:
-                if isinstance(piece, Outcome):
-                    for event in items.finish(piece):
-                        yield _sse(event)
-                    final = echo.finished(items, piece)
-                    kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-                    yield _sse(items.event(kind, response=final))
-                else:
-                    for event in items.feed(piece):
-                        yield _sse(event)
-    except RkllmError as exc:
-        error = {"code": "server_error", "message": run_error(exc).message}
-        failed = echo.response("failed", items.items, error=error)
-        yield _sse(items.event("response.failed", response=failed))
+def _echo(request: Request, body: ResponsesRequest, generation: Generation) -> ResponseEcho:
+    model = scheduler_of(request).config.model(generation.model)
+    assert model is not None  # the generation runs on a configured model
+    choice = body.tool_choice
+    return ResponseEcho(
+        model=generation.model,
+        instructions=body.instructions,
+        max_output_tokens=body.max_output_tokens,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        effort=body.reasoning.effort if body.reasoning else None,
+        tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
+        tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
+        metadata=body.metadata or {},
+        temperature=model.temperature,
+        top_p=model.top_p,
+        bytes_per_token=model.bytes_per_token,
+    )
