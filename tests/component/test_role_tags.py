@@ -32,6 +32,7 @@ PLAYBOOK_ROLES = {
     "ansible/convert_models.yml": ("rkllm_convert",),
     "ansible/bootstrap.yml": ("fleet_bootstrap",),
 }
+INCLUDES = {"ansible.builtin.import_tasks", "ansible.builtin.include_tasks", "ansible.builtin.import_role"}
 # A task line of --list-tasks: "      <role> : <name>\tTAGS: [a, b]" (no role for a play's own tasks).
 LISTED_TASK = re.compile(r"^ {6}(?:(?P<role>\w+) : )?(?P<name>.*?)\tTAGS: \[(?P<tags>[^\]]*)\]$")
 
@@ -46,11 +47,14 @@ def _phase_of(role: str, task: dict[str, Any]) -> str:
     tags = set(task.get("tags", []))
     phases = tags & PHASES
     assert role in tags and len(phases) == 1, (
-        f"{role}: task {task['name']!r} needs the tag {role} and one phase of {sorted(PHASES)}, has {sorted(tags)}"
+        f"{role}: task {task['name']!r} needs the tag {role} and one phase of {sorted(PHASES)}, "
+        f"has {sorted(tags)}"
     )
     (phase,) = phases
     role_phases = {tag for tag in tags if tag in {f"{role}_{p}" for p in PHASES}}
-    assert role_phases == {f"{role}_{phase}"}, f"{role}: task {task['name']!r} is {phase} but tagged {sorted(tags)}"
+    assert role_phases == {f"{role}_{phase}"}, (
+        f"{role}: task {task['name']!r} is {phase} but tagged {sorted(tags)}"
+    )
     return phase
 
 
@@ -68,7 +72,8 @@ def _listed_tags(playbook: str) -> frozenset[str]:
     listed: set[str] = set()
     for line in _ansible_playbook(playbook, "--list-tags").splitlines():
         if "TASK TAGS: [" in line:
-            listed.update(tag.strip() for tag in line.split("TASK TAGS: [", 1)[1].rstrip("]").split(",") if tag.strip())
+            tags = line.split("TASK TAGS: [", 1)[1].rstrip("]").split(",")
+            listed.update(tag.strip() for tag in tags if tag.strip())
     return frozenset(listed)
 
 
@@ -99,7 +104,7 @@ def test_site_lists_every_phase_it_runs() -> None:
 
 def _listed_tasks(*argv: str) -> list[tuple[str, str, str, frozenset[str]]]:
     """(play, role, task name, tags) of every task `--list-tasks` prints."""
-    listed = []
+    listed: list[tuple[str, str, str, frozenset[str]]] = []
     play = ""
     for line in _ansible_playbook("site.yml", "--list-tasks", *argv).splitlines():
         if line.startswith("  play #"):
@@ -114,9 +119,7 @@ def _preflight_task_names(role: str) -> set[str]:
     """The names of the tasks a role's preflight.yml runs itself (not through other files)."""
     path = ROLES_DIR / role / "tasks" / "preflight.yml"
     tasks = yaml.safe_load(path.read_text()) if path.is_file() else []
-    return {task["name"] for task in tasks
-            if not {"ansible.builtin.import_tasks", "ansible.builtin.include_tasks", "ansible.builtin.import_role"}
-            & set(task) and "{{" not in task["name"]}
+    return {task["name"] for task in tasks if not INCLUDES & set(task) and "{{" not in task["name"]}
 
 
 def test_site_preflight_tag_runs_every_preflight_and_nothing_else() -> None:
@@ -124,12 +127,13 @@ def test_site_preflight_tag_runs_every_preflight_and_nothing_else() -> None:
     preflight_only = _listed_tasks("--tags", "preflight")
     for play, role, name, tags in preflight_only:
         # Ansible runs `always` tasks under any tag: argument validation and read-only restart bookkeeping.
-        assert "preflight" in tags or "always" in tags, f"{play}: {role} : {name} runs with tags {sorted(tags)}"
+        assert "preflight" in tags or "always" in tags, f"{play}: {role} : {name} has tags {sorted(tags)}"
     # Wherever site.yml plays a role's preflight checks, --tags preflight plays them there too.
     preflight_checks = [(play, role, name) for play, role, name, _ in every_task
                         if role and name in _preflight_task_names(role)]
     assert preflight_checks == [(play, role, name) for play, role, name, _ in preflight_only
                                 if role and name in _preflight_task_names(role)]
-    assert {role for _, role, _ in preflight_checks} >= {"balancer_vip", "fleet_firewall", "nginx_lb", "rknpu_driver"}
+    checked_roles = {role for _, role, _ in preflight_checks}
+    assert checked_roles >= {"balancer_vip", "fleet_firewall", "nginx_lb", "rknpu_driver"}
     played = {role for _, role, _, tags in preflight_only if role and "preflight" in tags}
     assert played == set(PLAYBOOK_ROLES["site.yml"])
