@@ -44,7 +44,7 @@ def _entry_tasks(role: str) -> list[dict[str, Any]]:
 
 
 def _phase_of(role: str, task: dict[str, Any]) -> str:
-    tags = set(task.get("tags", []))
+    tags = {str(tag) for tag in task.get("tags", [])}
     phases = tags & PHASES
     assert role in tags and len(phases) == 1, (
         f"{role}: task {task['name']!r} needs the tag {role} and one phase of {sorted(PHASES)}, "
