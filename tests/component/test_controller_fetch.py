@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from component.balancer_harness import local_host, run_role_tasks
+from balancer_harness import local_host, run_role_tasks
 
 # One line per loop item of a task run once on the controller for the play.
 LOOP_ITEM = re.compile(r"^(?:ok|changed): \[board\d -> localhost\] => \(item=(.+?)\)$", re.MULTILINE)
