@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Runs every role's Molecule scenario (each boots its own simulated fleet, so they run in
-# parallel) and prints the time each took. Needs root and `make double`. Usage: tests/molecule/test-all.sh [role...]
+# Runs the Molecule scenario of every role that has one (each boots its own simulated fleet, or none
+# for the roles that run on the controller, so they run in parallel) and prints the time each took.
+# Needs root and `make double`. Usage: tests/molecule/test-all.sh [role...]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH"
 roles=("$@")
-[ ${#roles[@]} -gt 0 ] || roles=(rknpu_driver rkllm_lib rkllm_models rkllm_server nginx_lb fleet_firewall)
+if [ ${#roles[@]} -eq 0 ]; then
+  for scenario in roles/*/molecule/default; do
+    roles+=("$(basename "${scenario%/molecule/default}")")
+  done
+fi
 logs=$(mktemp -d)
 declare -A pids started
 for role in "${roles[@]}"; do
