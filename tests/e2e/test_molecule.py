@@ -18,12 +18,11 @@ pytestmark = [pytest.mark.fleet, pytest.mark.timeout(1800)]
 ROLES = sorted(path.name for path in (REPO_ROOT / "roles").iterdir() if path.is_dir())
 
 
-def test_every_role_scenario_passes(double_build: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_role_scenario_passes(double_build: Path) -> None:
     done = subprocess.run([str(REPO_ROOT / "tests/molecule/test-all.sh")], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=1700, check=False,
                           env={**os.environ, "PATH": f"{REPO_ROOT}/.venv/bin:{os.environ['PATH']}"})
-    with capsys.disabled():
-        print("\n" + "\n".join(line for line in done.stdout.splitlines() if line.startswith("molecule ")))
+    print("\n".join(line for line in done.stdout.splitlines() if line.startswith("molecule ")))
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
     passed = {line.split()[1].rstrip(":") for line in done.stdout.splitlines() if " rc=0 in " in line}
     assert passed == set(ROLES), done.stdout
