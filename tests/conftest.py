@@ -78,6 +78,9 @@ class ModuleScheduling(LoadScopeScheduling):
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> ModuleScheduling:
+    # In collection order (below), not xdist's default of the units with the most tests first: the
+    # longest units (a fleet's proofs, the Molecule run) have few tests each.
+    config.option.loadscopereorder = False
     return ModuleScheduling(config, log)
 
 
