@@ -62,6 +62,7 @@ def double_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # tests/e2e/site_runs.py count as one. Workers take modules in collection order: the longest go first
 # so that the short ones fill the end, and a fleet's idle waits (drains, timeouts, token-paced
 # streams) overlap the other worker's CPU-bound work.
+# The refusals need pristine boards, the driver install path provisions them: in that order.
 SHARED_FLEET_MODULES = ("test_site_refusals.py", "test_driver_install.py")
 LONGEST_FIRST = ("test_deployment_commands.py", "test_fleet_balancer.py", "test_fleet_ops.py",
                  "test_molecule.py", "test_fleet_ha.py", "test_site_refusals.py", "test_fleet_arm64.py")
@@ -84,14 +85,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> ModuleSch
     return ModuleScheduling(config, log)
 
 
-def _rank(item: pytest.Item) -> int:
-    name = "test_site_refusals.py" if item.path.name in SHARED_FLEET_MODULES else item.path.name
-    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+def _order(item: pytest.Item) -> tuple[int, int]:
+    """Longest first; the shared fleet's modules in the order they use it (pristine boards first)."""
+    name = item.path.name
+    if name in SHARED_FLEET_MODULES:
+        return LONGEST_FIRST.index(SHARED_FLEET_MODULES[0]), SHARED_FLEET_MODULES.index(name)
+    return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)), 0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Stable: the order within a module, and the refusals-then-driver order, stay as they were.
-    items.sort(key=_rank)
+    items.sort(key=_order)  # stable: a module's own order stays
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
