@@ -78,6 +78,7 @@ class ModuleScheduling(LoadScopeScheduling):
         return _module_unit(nodeid.split("::", 1)[0])
 
 
+@pytest.hookimpl(optionalhook=True)  # also runs without xdist (-p no:xdist)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> ModuleScheduling:
     # In collection order (below), not xdist's default of the units with the most tests first: the
     # longest units (a fleet's proofs, the Molecule run) have few tests each.
@@ -98,6 +99,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _print_measurements(terminalreporter)
+    _print_time_per_unit(terminalreporter)
+
+
+def _print_measurements(terminalreporter: pytest.TerminalReporter) -> None:
     """What passing tests printed (their measurements), which a quiet run would otherwise drop."""
     printed = [report for report in terminalreporter.stats.get("passed", [])
                if report.when == "call" and report.capstdout.strip()]
@@ -108,3 +114,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(report.nodeid)
         for line in report.capstdout.strip().splitlines():
             terminalreporter.write_line(f"    {line}")
+
+
+def _print_time_per_unit(terminalreporter: pytest.TerminalReporter) -> None:
+    """Each worker's total and its units of 10 s or more (setup, calls and teardown), longest
+    first: where the critical path of a run goes."""
+    seconds: dict[tuple[str, str], float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if not isinstance(report, pytest.TestReport):
+                continue
+            gateway = getattr(getattr(report, "node", None), "gateway", None)
+            key = (str(getattr(gateway, "id", "main")), _module_unit(report.nodeid.split("::", 1)[0]))
+            seconds[key] = seconds.get(key, 0.0) + report.duration
+    if not seconds:
+        return
+    terminalreporter.section("time per unit and worker")
+    for worker in sorted({worker for worker, _ in seconds}):
+        units = {unit: spent for (owner, unit), spent in seconds.items() if owner == worker}
+        terminalreporter.write_line(f"{worker}: {sum(units.values()) / 60:.1f} min")
+        for unit, spent in sorted(units.items(), key=lambda item: -item[1]):
+            if spent >= 10:
+                terminalreporter.write_line(f"    {spent:7.1f} s  {unit}")

@@ -530,6 +530,16 @@ def error_log_since(fleet: Fleet, length: int) -> list[str]:
     return log.splitlines()
 
 
+def balancer_logs_tail(fleet: Fleet, lines: int = 40) -> str:
+    """What nginx saw last (its access log: each attempt's board and status; its error log) and what
+    each board refused, by reason: for a failure message."""
+    logs = [fleet.balancer.exec(["tail", "-n", str(lines), f"/var/log/nginx/{log}.log"]).stdout
+            for log in ("access", "error")]
+    refused = re.compile(r"^rkllm_requests_rejected_total.*$", re.M)
+    refusals = [f"{board}: {refused.findall(board_metrics(fleet, board))}" for board in BOARDS]
+    return "\n".join([*logs, *refusals])
+
+
 def upstream(fleet: Fleet, board: str) -> str:
     return f"http://{fleet.board(board).address}:8080/"
 
@@ -715,7 +725,7 @@ def assert_drained(fleet: Fleet, board: str, after: str) -> None:
     served, refused = counts()
     print(f"drained {board} {after}: /ready draining, {len(failures(records))} of {len(records)} requests "
           f"failed, {served - served_before:g} ran on {board}, {refused - refused_before:g} refused there")
-    assert failures(records) == [], failures(records)[:3]
+    assert failures(records) == [], (failures(records)[:3], balancer_logs_tail(fleet))
     assert served == served_before, after
 
 
