@@ -42,6 +42,7 @@ demo: venv double
 bench: venv double
 	$(PY) -m bench.bench_binding 2>/dev/null
 	$(PY) -m bench.bench_server
+	$(PY) -m bench.bench_body_stall
 	$(PY) -m bench.bench_embeddings
 	$(PY) -m bench.bench_balancer
 	$(PY) -m bench.bench_conversations

@@ -68,14 +68,15 @@ LONGEST_FIRST = ("test_deployment_commands.py", "test_fleet_balancer.py", "test_
                  "test_molecule.py", "test_fleet_ha.py", "test_site_refusals.py", "test_fleet_arm64.py")
 
 
-def _module_unit(module_path: str) -> str:
-    """What runs whole on one worker: the module, or the group of modules sharing a fleet."""
+def _module_unit(nodeid: str) -> str:
+    """What runs whole on one worker: the test's module, or the group of modules sharing a fleet."""
+    module_path = nodeid.split("::", 1)[0]
     return "shared-site-fleet" if Path(module_path).name in SHARED_FLEET_MODULES else module_path
 
 
 class ModuleScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
-        return _module_unit(nodeid.split("::", 1)[0])
+        return _module_unit(nodeid)
 
 
 @pytest.hookimpl(optionalhook=True)  # also runs without xdist (-p no:xdist)
@@ -125,7 +126,7 @@ def _print_time_per_unit(terminalreporter: pytest.TerminalReporter) -> None:
             if not isinstance(report, pytest.TestReport):
                 continue
             gateway = getattr(getattr(report, "node", None), "gateway", None)
-            key = (str(getattr(gateway, "id", "main")), _module_unit(report.nodeid.split("::", 1)[0]))
+            key = (str(getattr(gateway, "id", "main")), _module_unit(report.nodeid))
             seconds[key] = seconds.get(key, 0.0) + report.duration
     if not seconds:
         return

@@ -733,16 +733,12 @@ def wait_every_board_serves(fleet: Fleet) -> None:
     """Batches through nginx until each board ran one: the fleet is whole before the proof, whatever
     the faults of earlier tests left (nginx writes a board off for fail_timeout after max_fails errors;
     the drain proof's batch fits the two other boards' shared slots only if both take requests)."""
-    def served() -> dict[str, float]:
-        return {b: metric_total(board_metrics(fleet, b), "rkllm_e2e_request_latency_seconds_count")
-                for b in BOARDS}
-
-    before = served()
+    before = generated(fleet)
 
     def each_board_ran_one() -> bool:
         records = client_load(fleet, "batch", "--count", "6", "--max-tokens", "4")["records"]
         assert failures(records) == [], (failures(records)[:3], balancer_logs_tail(fleet))
-        now = served()
+        now = generated(fleet)
         return all(now[b] > before[b] for b in BOARDS)
 
     wait_until(each_board_ran_one, "every board serves through nginx", deadline_s=60, interval=1)
