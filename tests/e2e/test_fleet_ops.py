@@ -1,5 +1,5 @@
-"""Operating the simulated fleet: 3 amd64 boards provisioned by site.yml and ansible/balancer.yml,
-then ansible/monitoring.yml as an operator runs it. The balancer doubles as the monitor host (group
+"""Operating the simulated fleet: 3 amd64 boards and the balancer provisioned by site.yml, then
+ansible/monitoring.yml as an operator runs it. The balancer doubles as the monitor host (group
 rkllm_monitor) and the images carry the Debian packages the role installs, so the role's installs are
 no-ops here and everything else (exporters, the rknpu collector timer, Prometheus with its rules)
 is applied for real. The test reads that Prometheus through an SSH tunnel: every target up, the
@@ -94,7 +94,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         (inventory / "host_vars/board2.yml").write_text("rkllm_server_environment: {RKLLM_DOUBLE_TPS: '9'}\n")
         (inventory / "host_vars/board3.yml").write_text(f"rkllm_models_enabled: [{PHI}]\n")
         playbook(started, "site.yml")
-        playbook(started, "ansible/balancer.yml")
         yield started
 
 
