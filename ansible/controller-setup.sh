@@ -12,7 +12,8 @@ fi
 packages=(
   make gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross   # test double, host and aarch64
   python3 python3-venv python3-dev git openssh-client curl rsync    # controller
-  debootstrap qemu-user-static binfmt-support systemd-container       # simulated boards
+  mmdebstrap arch-test gpg qemu-user-static binfmt-support            # simulated boards: images
+  systemd-container                                                   # simulated boards: boot
   iproute2 nftables iputils-ping                                      # simulated network, firewall checks
   nginx libnginx-mod-http-js                                          # balancer config checks and bench
   prometheus prometheus-alertmanager                                  # promtool, amtool checks, alert tests

@@ -58,7 +58,8 @@ def cold_run(fleet: Fleet) -> tuple[float, dict[str, int]]:
 
 def test_cold_site_yml_provisions_every_board(fleet: Fleet, cold_run: tuple[float, dict[str, int]]) -> None:
     seconds, recap = cold_run
-    print(f"[arm64 fleet] cold site.yml on {len(BOARDS)} boards + balancer: {seconds:.0f} s, changed {recap}")
+    hosts = ", ".join((*BOARDS, "balancer1"))
+    print(f"[arm64 fleet] cold site.yml on {hosts}: {seconds:.0f} s, changed {recap}")
     assert {*BOARDS, "balancer1"} <= recap.keys()
     assert all(recap[b] > 0 for b in BOARDS)
     for board in fleet.boards:
