@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, free_port, wait_until
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
@@ -191,6 +192,26 @@ def reload_nginx(balancer: RenderedBalancer, new_conf: Path) -> None:
 
 def access_log(balancer: RenderedBalancer) -> str:
     return (balancer.prefix / "log" / "access.log").read_text()
+
+
+def access_log_size(balancer: RenderedBalancer) -> int:
+    """Where the next request's line will start in access_log()."""
+    path = balancer.prefix / "log" / "access.log"
+    return len(path.read_text()) if path.exists() else 0
+
+
+_UPSTREAMS = re.compile(r'ua="([^"]*)" us="([^"]*)"')
+
+
+def logged_upstreams(balancer: RenderedBalancer, offset: int, count: int) -> list[tuple[str, str]]:
+    """(upstream addresses, upstream statuses) of the requests logged after `offset`, once `count` of
+    them are: nginx writes a request's line after its answer has gone out, so a client that has its
+    answer may read the log before the line is there."""
+    def logged() -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = _UPSTREAMS.findall(access_log(balancer)[offset:])
+        return found if len(found) >= count else []
+
+    return wait_until(logged, f"nginx logged {count} requests")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from balancer_harness import (
     BoardModel,
     RenderedBalancer,
     access_log,
+    access_log_size,
     reload_nginx,
     render_balancers,
     running_boards,
@@ -93,10 +94,6 @@ def answering_boards(balancer: RenderedBalancer, boards: dict[str, Board], offse
     return [board for _, board in requests_and_boards(balancer, boards, offset)]
 
 
-def log_size(balancer: RenderedBalancer) -> int:
-    return len(access_log(balancer))
-
-
 def table(balancer: RenderedBalancer) -> set[str]:
     return {entry.name for entry in (balancer.prefix.parent / "table").iterdir()}
 
@@ -111,7 +108,7 @@ def test_interleaved_conversations_stick_to_their_boards_only_with_affinity(
         hits = 0
         for turn in range(4):
             for chat, home in zip(chats, homes, strict=True):
-                offset = log_size(balancer)
+                offset = access_log_size(balancer)
                 answer = chat.turn(f"question {turn}")
                 home.update(answering_boards(balancer, boards, offset))
                 hits += cached(answer) > 0
@@ -130,7 +127,7 @@ def test_a_new_conversation_goes_to_the_least_loaded_board(balancers: dict[str, 
     balancer = balancers["affinity"]
     with running_nginx(balancer) as base:
         streaming = threading.Barrier(3)
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
 
         def long_stream() -> None:
             body = {"model": MODEL.name, "stream": True, "max_tokens": 400,
@@ -155,7 +152,7 @@ def test_a_new_conversation_goes_to_the_least_loaded_board(balancers: dict[str, 
         placed = [board for uri, board in served if not uri.endswith("?long")]
         assert len(loaded) == 2 and len(placed) == 1 and placed[0] not in loaded, served
         # Once the load is gone the conversation still goes home.
-        later = log_size(balancer)
+        later = access_log_size(balancer)
         assert cached(chat.turn()) > 0
         assert answering_boards(balancer, boards, later) == placed
 
@@ -202,7 +199,7 @@ def test_stateless_requests_still_spread_over_every_board(balancers: dict[str, R
                                                           boards: dict[str, Board]) -> None:
     balancer = balancers["affinity"]
     with running_nginx(balancer) as base:
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         for _ in range(6):
             Conversation(base).turn()
         assert set(answering_boards(balancer, boards, offset)) == set(boards)
@@ -220,13 +217,13 @@ def moved_once_then_stays(balancer: RenderedBalancer, boards: dict[str, Board], 
     """`take_out()` removes `home`; the next turn re-prefills on another board, later turns stay there."""
     assert callable(take_out)
     take_out()
-    offset = log_size(balancer)
+    offset = access_log_size(balancer)
     moved = chat.turn("after the move")
     new_home = answering_boards(balancer, boards, offset)
     assert new_home[0] != home
     assert cached(moved) == 0  # the new board prefilled the whole history once
     for turn in range(3):
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         assert cached(chat.turn(f"settled {turn}")) > 0
         assert answering_boards(balancer, boards, offset) == new_home
 
@@ -236,7 +233,7 @@ def test_a_drained_home_board_hands_the_conversation_over_once(tmp_path: Path,
     balancer = render_balancers(tmp_path / "lb", list(own_boards.values()), variants(tmp_path))["affinity"]
     with running_nginx(balancer) as base:
         chat = Conversation(base)
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         chat.turn()
         home = answering_boards(balancer, own_boards, offset)[0]
         drain_file = own_boards[home].drain_file
@@ -244,7 +241,7 @@ def test_a_drained_home_board_hands_the_conversation_over_once(tmp_path: Path,
         moved_once_then_stays(balancer, own_boards, chat, home, drain_file.touch)
         # Back from maintenance, the old board does not take the conversation back.
         drain_file.unlink()
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         chat.turn("after the resume")
         assert home not in answering_boards(balancer, own_boards, offset)
 
@@ -254,7 +251,7 @@ def test_a_killed_home_board_hands_the_conversation_over_once(tmp_path: Path,
     balancer = render_balancers(tmp_path / "lb", list(own_boards.values()), variants(tmp_path))["affinity"]
     with running_nginx(balancer) as base:
         chat = Conversation(base)
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         chat.turn()
         home = answering_boards(balancer, own_boards, offset)[0]
         moved_once_then_stays(balancer, own_boards, chat, home,
@@ -288,7 +285,7 @@ def test_a_board_drained_in_the_inventory_hands_its_conversations_over_once(
     balancer = rendered["live"]
     with running_nginx(balancer) as base:
         chat = Conversation(base)
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         chat.turn()
         home = answering_boards(balancer, boards, offset)[0]
 
@@ -296,7 +293,7 @@ def test_a_board_drained_in_the_inventory_hands_its_conversations_over_once(
                               lambda: reload_and_wait(balancer, rendered[f"without_{home}"].conf))
         # The board is back in the inventory: the conversation stays on its new board.
         reload_and_wait(balancer, rendered["back"].conf)
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         chat.turn("after the board came back")
         assert home not in answering_boards(balancer, boards, offset)
 

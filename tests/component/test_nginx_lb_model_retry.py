@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from balancer_harness import (
     Board,
     BoardModel,
     RenderedBalancer,
-    access_log,
+    access_log_size,
+    logged_upstreams,
     render_balancers,
     running_boards,
     running_nginx,
@@ -57,15 +57,11 @@ def chat(model: str) -> dict[str, object]:
             "max_tokens": 2}
 
 
-def upstream_statuses(balancer: RenderedBalancer, offset: int) -> list[tuple[list[str], list[str]]]:
-    """(boards tried, their statuses) of each request logged after `offset` (log characters)."""
-    found = re.findall(r'ua="([^"]*)" us="([^"]*)"', access_log(balancer)[offset:])
-    return [(addresses.split(", "), statuses.split(", ")) for addresses, statuses in found]
-
-
-def log_size(balancer: RenderedBalancer) -> int:
-    path = balancer.prefix / "log" / "access.log"
-    return len(path.read_text()) if path.exists() else 0
+def upstream_statuses(balancer: RenderedBalancer, offset: int,
+                      count: int) -> list[tuple[list[str], list[str]]]:
+    """(boards tried, their statuses) of the `count` requests logged after `offset`."""
+    return [(addresses.split(", "), statuses.split(", "))
+            for addresses, statuses in logged_upstreams(balancer, offset, count)]
 
 
 @pytest.mark.parametrize("variant", ["before", "wrong"])
@@ -74,11 +70,11 @@ def test_a_boards_model_not_found_is_retried_on_a_board_that_has_the_model(
     balancer = balancers[variant]
     b3 = f"127.0.0.1:{boards['b3'].port}"
     with running_nginx(balancer) as base:
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         url = f"{base}/v1/chat/completions"
         replies = [httpx.post(url, json=chat("fresh"), timeout=30) for _ in range(9)]
         assert [r.status_code for r in replies] == [200] * 9, [r.text for r in replies]
-        tried = upstream_statuses(balancer, offset)
+        tried = upstream_statuses(balancer, offset, len(replies))
     # b3 was asked (least_conn spreads the requests) and its 404 passed the request on.
     retried = [(addresses, statuses) for addresses, statuses in tried if statuses[0] == "404"]
     assert retried, tried
@@ -89,9 +85,9 @@ def test_a_model_no_board_has_tries_each_board_once_and_answers_404(
         balancers: dict[str, RenderedBalancer], boards: dict[str, Board]) -> None:
     balancer = balancers["before"]
     with running_nginx(balancer) as base:
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         reply = httpx.post(f"{base}/v1/chat/completions", json=chat("no-such-model"), timeout=30)
-        tried = upstream_statuses(balancer, offset)
+        tried = upstream_statuses(balancer, offset, 1)
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "model_not_found"
     [(addresses, statuses)] = tried
@@ -102,9 +98,9 @@ def test_a_model_no_board_has_tries_each_board_once_and_answers_404(
 def test_a_404_for_a_request_naming_no_model_is_not_retried(balancers: dict[str, RenderedBalancer]) -> None:
     balancer = balancers["before"]
     with running_nginx(balancer) as base:
-        offset = log_size(balancer)
+        offset = access_log_size(balancer)
         reply = httpx.get(f"{base}/v1/responses/resp_123", timeout=30)
-        tried = upstream_statuses(balancer, offset)
+        tried = upstream_statuses(balancer, offset, 1)
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "response_not_found"
     assert [statuses for _, statuses in tried] == [["404"]]

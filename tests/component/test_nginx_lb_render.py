@@ -24,8 +24,9 @@ from balancer_harness import (
     Board,
     BoardModel,
     RenderedBalancer,
-    access_log,
+    access_log_size,
     balancer_inventory,
+    logged_upstreams,
     nginx_check,
     reload_nginx,
     render_balancer,
@@ -36,7 +37,7 @@ from balancer_harness import (
     self_signed_certificate,
 )
 
-from tests.support import REPO_ROOT, free_port, wait_until
+from tests.support import REPO_ROOT, free_port
 
 FLEET = {
     "b1": [BoardModel("alpha"), BoardModel("beta"), BoardModel("delta")],
@@ -101,18 +102,6 @@ def chat(model: str, *, max_tokens: int = 4, stream: bool = False) -> dict[str, 
     """A one-turn chat of its own: conversation affinity must not tie these requests to one board."""
     return {"model": model, "messages": [{"role": "user", "content": f"hello fleet {next(_requests)}"}],
             "max_tokens": max_tokens, "stream": stream}
-
-
-def upstreams_since(balancer: RenderedBalancer, offset: int) -> list[tuple[str, str]]:
-    """(upstream addresses, upstream statuses) of each request logged after `offset`."""
-    lines = access_log(balancer)[offset:].splitlines()
-    return [(m.group(1), m.group(2)) for line in lines
-            if (m := re.search(r'ua="([^"]*)" us="([^"]*)"', line))]
-
-
-def log_size(balancer: RenderedBalancer) -> int:
-    path = balancer.prefix / "log" / "access.log"
-    return len(path.read_text()) if path.exists() else 0
 
 
 def port_of(boards: dict[str, Board], address: str) -> str:
@@ -206,12 +195,12 @@ def test_stream_passes_through_unbuffered(lb: str) -> None:
 
 def test_busy_board_503_is_retried_on_another_board(lb: str, boards: dict[str, Board],
                                                      balancer: RenderedBalancer) -> None:
-    offset = log_size(balancer)
+    offset = access_log_size(balancer)
     with busy(boards["b1"], "alpha"):
         statuses = [httpx.post(f"{lb}/v1/chat/completions", json=chat("alpha"), timeout=30).status_code
                     for _ in range(6)]
     assert statuses == [200] * 6
-    logged = upstreams_since(balancer, offset)
+    logged = logged_upstreams(balancer, offset, len(statuses))
     retried = [(ua, us) for ua, us in logged if us == "503, 200"]
     assert retried, logged
     assert all(port_of(boards, ua.split(", ")[0]) == "b1" for ua, _ in retried)
@@ -244,42 +233,39 @@ def test_no_live_board_gives_503_json_with_retry_after(tmp_path: Path) -> None:
 ])
 def test_model_goes_only_to_boards_hosting_it(lb: str, boards: dict[str, Board], balancer: RenderedBalancer,
                                               model: str, allowed: set[str]) -> None:
-    offset = log_size(balancer)
+    offset = access_log_size(balancer)
     for _ in range(6):
         response = httpx.post(f"{lb}/v1/chat/completions", json=chat(model), timeout=30)
         assert response.status_code == 200
         assert response.json()["model"] == model
-    used = {port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)}
+    used = {port_of(boards, ua) for ua, _ in logged_upstreams(balancer, offset, 6)}
     assert used == allowed
 
 
 def test_auto_and_unknown_models_go_to_the_whole_fleet(lb: str, boards: dict[str, Board],
                                                        balancer: RenderedBalancer) -> None:
-    offset = log_size(balancer)
+    offset = access_log_size(balancer)
     unknown = httpx.post(f"{lb}/v1/chat/completions", json=chat("no-such-model"), timeout=30)
     assert unknown.status_code == 404  # the boards' own answer, in the API's shape
     assert "error" in unknown.json()
     # A model no board has is asked of each board once (any of them might have just gained it).
-    # nginx writes the access log line after the answer has gone out.
-    [(tried, statuses)] = wait_until(lambda: upstreams_since(balancer, offset),
-                                     "nginx logged the upstreams tried")
+    [(tried, statuses)] = logged_upstreams(balancer, offset, 1)
     assert sorted(port_of(boards, ua) for ua in tried.split(", ")) == ["b1", "b2", "b3"]
     assert statuses == "404, 404, 404"
-    offset = log_size(balancer)
+    offset = access_log_size(balancer)
     # Round robin among equally idle boards; the 404 tries above moved its position, so six requests.
     for _ in range(6):
         assert httpx.get(f"{lb}/v1/models", timeout=30).status_code == 200
-    wait_until(lambda: len(upstreams_since(balancer, offset)) == 6, "six upstream attempts logged")
-    used = [port_of(boards, ua) for ua, _ in upstreams_since(balancer, offset)]
+    used = [port_of(boards, ua) for ua, _ in logged_upstreams(balancer, offset, 6)]
     assert set(used) == {"b1", "b2", "b3"}, used
 
 
 def test_drained_board_receives_nothing(drained_balancer: RenderedBalancer, boards: dict[str, Board]) -> None:
     with running_nginx(drained_balancer) as base:
-        offset = log_size(drained_balancer)
+        offset = access_log_size(drained_balancer)
         for model in ("alpha", "delta") * 4:
             assert httpx.post(f"{base}/v1/chat/completions", json=chat(model), timeout=30).status_code == 200
-        used = {port_of(boards, ua) for ua, _ in upstreams_since(drained_balancer, offset)}
+        used = {port_of(boards, ua) for ua, _ in logged_upstreams(drained_balancer, offset, 8)}
     assert used == {"b1", "b3"}
 
 
