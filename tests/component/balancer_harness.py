@@ -203,15 +203,23 @@ def access_log_size(balancer: RenderedBalancer) -> int:
 _UPSTREAMS = re.compile(r'ua="([^"]*)" us="([^"]*)"')
 
 
-def logged_upstreams(balancer: RenderedBalancer, offset: int, count: int) -> list[tuple[str, str]]:
-    """(upstream addresses, upstream statuses) of the requests logged after `offset`, once `count` of
-    them are: nginx writes a request's line after its answer has gone out, so a client that has its
+def logged_matches(balancer: RenderedBalancer, offset: int, count: int,
+                   pattern: re.Pattern[str]) -> list[tuple[str, ...]]:
+    """pattern's groups in the access log after `offset` (log characters), once it matched `count`
+    times: nginx writes a request's line after its answer has gone out, so a client that has its
     answer may read the log before the line is there."""
-    def logged() -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = _UPSTREAMS.findall(access_log(balancer)[offset:])
+    def logged() -> list[tuple[str, ...]]:
+        found: list[tuple[str, ...]] = pattern.findall(access_log(balancer)[offset:])
         return found if len(found) >= count else []
 
     return wait_until(logged, f"nginx logged {count} requests")
+
+
+def logged_upstreams(balancer: RenderedBalancer, offset: int, count: int) -> list[tuple[str, str]]:
+    """(upstream addresses, upstream statuses) of the first `count` or more requests logged after
+    `offset`."""
+    return [(addresses, statuses)
+            for addresses, statuses in logged_matches(balancer, offset, count, _UPSTREAMS)]
 
 
 @dataclass(frozen=True)

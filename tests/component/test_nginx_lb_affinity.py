@@ -20,8 +20,8 @@ from balancer_harness import (
     Board,
     BoardModel,
     RenderedBalancer,
-    access_log,
     access_log_size,
+    logged_matches,
     reload_nginx,
     render_balancers,
     running_boards,
@@ -75,17 +75,15 @@ class Conversation:
         return answer
 
 
+POSTED_UPSTREAMS = re.compile(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"')
+
+
 def requests_and_boards(balancer: RenderedBalancer, boards: dict[str, Board], offset: int, count: int = 1
                         ) -> list[tuple[str, str]]:
     """(URI, answering board: the last address nginx tried) of the requests logged after `offset`, once
     there are `count` of them (nginx logs a request after the client may already have its answer)."""
     by_address = {f"127.0.0.1:{b.port}": name for name, b in boards.items()}
-
-    def logged() -> list[tuple[str, str]]:
-        found = re.findall(r'"POST (\S+) [^"]*" .*? ua="([^"]*)"', access_log(balancer)[offset:])
-        return found if len(found) >= count else []
-
-    tried_by_uri = wait_until(logged, "nginx logged the requests")
+    tried_by_uri = logged_matches(balancer, offset, count, POSTED_UPSTREAMS)
     return [(uri, by_address[re.split(r", | : ", tried)[-1]]) for uri, tried in tried_by_uri]
 
 
