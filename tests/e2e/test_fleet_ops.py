@@ -590,7 +590,8 @@ def test_an_unreachable_board_is_left_out_within_the_budget_and_stops_the_run_be
     refused = re.compile(r'^fatal: \[board3\]: FAILED! => \{.*"msg": "timed out waiting for ping', re.M)
     # The default budget (0 %): the run stops after the reachability check, before any preflight.
     assert beyond.returncode != 0
-    ssh_error = re.search(r"port 9: Connection (timed out|refused)", beyond.stdout)
+    ssh_error = re.search(r"timed out waiting for ping module test: .*Connection (timed out|refused)",
+                          beyond.stdout)
     assert refused.search(beyond.stdout) and ssh_error, beyond.stdout[-3000:]
     assert "PLAY [Preflight every board before anything is changed]" not in beyond.stdout
     assert recap(beyond.stdout) == {"board1": (0, 0, 0), "board2": (0, 0, 0), "board3": (0, 0, 1)}, \

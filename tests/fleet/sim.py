@@ -293,6 +293,8 @@ class Fleet:
             "vars": {
                 **self._login_vars(),
                 "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                # Every boot makes new host keys. Mitogen checks them itself unless told not to.
+                "ansible_host_key_checking": False,
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_pipelining": True,
                 "fleet_sim_prefix": self.prefix,
