@@ -9,6 +9,7 @@ freshly booted fleet whenever an earlier module has provisioned the shared one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -52,7 +53,7 @@ class SiteRunner:
     limit: tuple[str, ...] = SHARED_BOARDS
 
     def run(self, *extra: str, limit: tuple[str, ...] | None = None,
-            inventories: tuple[Path, ...] = ()) -> SiteRun:
+            inventories: tuple[Path, ...] = (), environment: dict[str, str] | None = None) -> SiteRun:
         sources = [arg for inventory in (self.fleet.inventory_path.parent, *inventories)
                    for arg in ("-i", str(inventory))]
         # A private controller cache keeps the fleet's first run cold; the source snapshot keeps
@@ -65,7 +66,8 @@ class SiteRunner:
         argv = [str(Path(sys.executable).parent / "ansible-playbook"), *sources, "site.yml",
                 "--limit", ",".join(hosts), "-e", json.dumps(settings), *extra]
         started = time.monotonic()
-        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False)
+        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, check=False,
+                              env={**os.environ, **(environment or {})})
         return SiteRun(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
 
     def assert_pristine(self, boards: tuple[str, ...] = SHARED_BOARDS) -> None:
